@@ -1,0 +1,341 @@
+"""Home directory, ``hsmca.toml`` and ``HSMCA_<SECTION>__<KEY>`` overrides.
+
+The home is ``--home DIR``, else ``$HSMCA_HOME``, else ``./.hsmca``. ``init`` writes the
+config with every default spelled out; any key can then be overridden from the
+environment, the value parsed as TOML when it parses and taken as a string otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pki.durations import parse_duration
+from pki.errors import ConfigError
+
+CONFIG_NAME = "hsmca.toml"
+ENV_PREFIX = "HSMCA_"
+SOFTHSM_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
+
+
+def resolve_home(home: str | os.PathLike[str] | None) -> Path:
+    """Return the absolute home directory: argument, ``$HSMCA_HOME``, or ``./.hsmca``."""
+    chosen = home or os.environ.get("HSMCA_HOME") or ".hsmca"
+    return Path(chosen).expanduser().resolve()
+
+
+def default_softhsm_module() -> str:
+    """Path of the SoftHSM2 module on this machine (first candidate if none exists)."""
+    for candidate in SOFTHSM_CANDIDATES:
+        if Path(candidate).exists():
+            return candidate
+    return SOFTHSM_CANDIDATES[0]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    https_port: int = 8443
+    http_port: int = 8080
+    public_https_url: str = ""
+    public_http_url: str = ""
+    workers: int = 2
+    max_body_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class HsmSettings:
+    module: str = ""
+    token_label: str = "hsmca"
+    pin_file: str = ""
+    pin: str = field(default="", repr=False)
+    softhsm2_conf: str = ""
+
+
+@dataclass(frozen=True)
+class CaSettings:
+    organisation: str = "hsmca"
+    root_key: str = "ec-p384"
+    issuing_key: str = "ec-p256"
+    root_ttl: str = "3650d"
+    issuing_ttl: str = "1825d"
+    ocsp_ttl: str = "7d"
+    server_ttl: str = "30d"
+    hostnames: tuple[str, ...] = ()
+    name_constraints: tuple[str, ...] = ()
+    device_uri_template: str = "urn:dev:serial:{device_id}"
+    backdate_seconds: int = 60
+    pending_grace_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    http01_port: int = 80
+    tlsalpn01_port: int = 443
+    dns_resolver: str = ""
+    require_eab: bool = False
+    allowed_domains: tuple[str, ...] = ("*",)
+    default_profile: str = "mtls-server"
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    max_names: int = 100
+    allowed_key_types: tuple[str, ...] = ("rsa", "ec-p256", "ec-p384", "ed25519")
+    min_rsa_bits: int = 2048
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    default_ttl: str
+    max_ttl: str
+    issuer: str = ""
+    extended_key_usage: tuple[str, ...] = ()
+
+    @property
+    def default(self) -> dt.timedelta:
+        return parse_duration(self.default_ttl)
+
+    @property
+    def maximum(self) -> dt.timedelta:
+        return parse_duration(self.max_ttl)
+
+
+DEFAULT_PROFILES: dict[str, ProfileSettings] = {
+    "mtls-server": ProfileSettings("24h", "30d"),
+    "mtls-client": ProfileSettings("24h", "30d"),
+    "mtls": ProfileSettings("24h", "30d"),
+    "device": ProfileSettings("7d", "90d"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, resolved: file, then environment, then derived defaults."""
+
+    home: Path
+    server: ServerSettings
+    database: DatabaseSettings
+    hsm: HsmSettings
+    ca: CaSettings
+    acme: AcmeSettings
+    policy: PolicySettings
+    profiles: dict[str, ProfileSettings]
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.home / "secrets"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.home / "tls"
+
+    def hsm_pin(self) -> str:
+        """The user PIN: ``HSMCA_HSM__PIN`` or the PIN file. Raises ConfigError if neither."""
+        if self.hsm.pin:
+            return self.hsm.pin
+        path = Path(self.hsm.pin_file)
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"HSM PIN file {path} not found: run `hsmca init` or set HSMCA_HSM__PIN"
+            ) from None
+
+
+def default_document(home: Path) -> dict[str, Any]:
+    """The configuration ``init`` writes for ``home``: every key with its default."""
+    server = ServerSettings()
+    profiles = {
+        name: {"default_ttl": p.default_ttl, "max_ttl": p.max_ttl}
+        for name, p in DEFAULT_PROFILES.items()
+    }
+    return {
+        "server": {
+            "host": server.host,
+            "https_port": server.https_port,
+            "http_port": server.http_port,
+            "public_https_url": f"https://localhost:{server.https_port}",
+            "public_http_url": f"http://127.0.0.1:{server.http_port}",
+            "workers": server.workers,
+            "max_body_bytes": server.max_body_bytes,
+        },
+        "database": {"url": f"sqlite:///{home / 'hsmca.db'}"},
+        "hsm": {
+            "module": default_softhsm_module(),
+            "token_label": "hsmca",
+            "pin_file": str(home / "secrets" / "hsm.pin"),
+            "softhsm2_conf": str(home / "softhsm2.conf"),
+        },
+        "ca": _asdict(CaSettings()),
+        "acme": _asdict(AcmeSettings()),
+        "policy": _asdict(PolicySettings()),
+        "profiles": profiles,
+    }
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(obj).items()}
+
+
+def load_settings(home: Path, environ: dict[str, str] | None = None) -> Settings:
+    """Read ``home/hsmca.toml`` (defaults if absent) and apply environment overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    doc = default_document(home)
+    path = home / CONFIG_NAME
+    if path.exists():
+        try:
+            _merge(doc, tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            _apply_override(doc, name[len(ENV_PREFIX) :], raw)
+    return _build(home, doc)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_override(doc: dict[str, Any], path: str, raw: str) -> None:
+    parts = [p.lower() for p in path.split("__")]
+    node = doc
+    for i, part in enumerate(parts):
+        key = part
+        if key not in node and key.replace("_", "-") in node:
+            key = key.replace("_", "-")
+        if i == len(parts) - 1:
+            node[key] = _parse_env_value(raw)
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{ENV_PREFIX}{path}: {part} is not a section")
+
+
+def _section(cls: type, data: dict[str, Any], name: str) -> Any:
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for key, value in data.items():
+        default = cls.__dataclass_fields__[key].default
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list):
+                raise ConfigError(f"{name}.{key} must be a list")
+            value = tuple(str(v) for v in value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}.{key} must be true or false")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}.{key} must be an integer, not {value!r}")
+        elif not isinstance(value, str):
+            value = str(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _build(home: Path, doc: dict[str, Any]) -> Settings:
+    for section in ("server", "database", "hsm", "ca", "acme", "policy", "profiles"):
+        if not isinstance(doc.get(section), dict):
+            raise ConfigError(f"[{section}] must be a table")
+    unknown = set(doc) - {"server", "database", "hsm", "ca", "acme", "policy", "profiles"}
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    profiles: dict[str, ProfileSettings] = {}
+    for name, data in doc["profiles"].items():
+        if not isinstance(data, dict) or "default_ttl" not in data or "max_ttl" not in data:
+            raise ConfigError(f"[profiles.{name}] needs default_ttl and max_ttl")
+        profile = _section(ProfileSettings, data, f"profiles.{name}")
+        try:
+            if profile.default > profile.maximum:
+                raise ConfigError(f"profiles.{name}: default_ttl exceeds max_ttl")
+        except ValueError as exc:
+            raise ConfigError(f"profiles.{name}: {exc}") from None
+        profiles[name] = profile
+    return Settings(
+        home=home,
+        server=_section(ServerSettings, doc["server"], "server"),
+        database=_section(DatabaseSettings, doc["database"], "database"),
+        hsm=_section(HsmSettings, doc["hsm"], "hsm"),
+        ca=_section(CaSettings, doc["ca"], "ca"),
+        acme=_section(AcmeSettings, doc["acme"], "acme"),
+        policy=_section(PolicySettings, doc["policy"], "policy"),
+        profiles=profiles,
+    )
+
+
+def dump_toml(doc: dict[str, Any]) -> str:
+    """Serialise the (two-level) configuration document as TOML."""
+    lines: list[str] = []
+
+    def table(prefix: str, data: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        if scalars or not data:
+            lines.append(f"[{prefix}]")
+            lines.extend(f"{_key(k)} = {_value(v)}" for k, v in scalars.items())
+            lines.append("")
+        for key, value in data.items():
+            if isinstance(value, dict):
+                table(f"{prefix}.{_key(key)}", value)
+
+    for section, data in doc.items():
+        table(_key(section), data)
+    return "\n".join(lines)
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _value(key)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def write_default_config(home: Path, overrides: dict[str, dict[str, Any]]) -> Path:
+    """Write ``home/hsmca.toml`` with defaults plus ``overrides``; return its path."""
+    doc = default_document(home)
+    _merge(doc, overrides)
+    path = home / CONFIG_NAME
+    path.write_text(
+        "# hsmca configuration. Any key can be overridden by HSMCA_<SECTION>__<KEY>.\n"
+        + dump_toml(doc)
+    )
+    return path

@@ -1,0 +1,329 @@
+"""PKCS#11 access through python-pkcs11: one logged-in session per process, serialised.
+
+python-pkcs11 calls ``C_Initialize(NULL)``, which tells the module the application is
+single-threaded (SoftHSM2 then turns its locks off; concurrent calls crashed it). So:
+
+* every PKCS#11 call in the process goes through one process-wide lock;
+* the module is (re)initialised lazily in each process, after fork, never inherited;
+* the session is opened and logged in once and reused; key handles are cached;
+* a lost session is reopened once, then the error is raised as :class:`HsmSessionLost`.
+
+Private keys are generated inside the token (CKA_SENSITIVE, not CKA_EXTRACTABLE) and are
+used only through :meth:`Hsm.sign`; :mod:`pki.hsm_keys` wraps them as cryptography keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+from pki.errors import (
+    HsmError,
+    HsmKeyNotFound,
+    HsmModuleNotFound,
+    HsmSessionLost,
+    HsmTokenNotFound,
+    HsmWrongPin,
+)
+
+T = TypeVar("T")
+
+#: PKCS#11 calls of this process never overlap (see module docstring).
+PKCS11_LOCK = threading.RLock()
+
+KEY_SPECS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+_CURVES = {"ec-p256": ("secp256r1", ec.SECP256R1()), "ec-p384": ("secp384r1", ec.SECP384R1())}
+
+_LOST = (
+    p11e.SessionClosed,
+    p11e.SessionHandleInvalid,
+    p11e.DeviceRemoved,
+    p11e.TokenNotPresent,
+    p11e.DeviceError,
+    p11e.UserNotLoggedIn,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+)
+
+
+@dataclass
+class _ModuleState:
+    """The initialised module of this process: which pid and SoftHSM2 config it is for."""
+
+    lib: Any
+    pid: int
+    softhsm2_conf: str | None
+    generation: int
+
+
+_modules: dict[str, _ModuleState] = {}
+_generation = 0
+
+
+def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
+    """Load (or re-initialise after fork / config change) the module; lock held."""
+    global _generation
+    state = _modules.get(path)
+    pid = os.getpid()
+    if state and state.pid == pid and state.softhsm2_conf == softhsm2_conf:
+        return state
+    if softhsm2_conf:
+        os.environ["SOFTHSM2_CONF"] = softhsm2_conf
+    if not os.path.exists(path):
+        raise HsmModuleNotFound(f"PKCS#11 module not found: {path} (set hsm.module)")
+    try:
+        lib = pkcs11.lib(path)
+        if state is not None:
+            # forked child or another SoftHSM2 config: start the library afresh
+            lib.reinitialize()
+    except p11e.PKCS11Error as exc:
+        raise HsmModuleNotFound(f"cannot load PKCS#11 module {path}: {exc}") from None
+    _generation += 1
+    state = _ModuleState(lib=lib, pid=pid, softhsm2_conf=softhsm2_conf, generation=_generation)
+    _modules[path] = state
+    return state
+
+
+class Hsm:
+    """A logged-in view of one token. Safe to share between threads of one process."""
+
+    def __init__(
+        self,
+        module: str,
+        token_label: str,
+        pin: Callable[[], str],
+        softhsm2_conf: str | None = None,
+        login_attempts: int = 8,
+    ) -> None:
+        self.module = module
+        self.token_label = token_label
+        self._pin = pin
+        self._softhsm2_conf = softhsm2_conf
+        self._login_attempts = login_attempts
+        self._session: Any = None
+        self._generation = -1
+        self._pid = -1
+        self._keys: dict[str, Any] = {}
+        self._public: dict[str, Any] = {}
+        #: observers of each signature's duration in seconds (metrics hook)
+        self.sign_observers: list[Callable[[float], None]] = []
+
+    # -- session ---------------------------------------------------------------------------
+
+    def _session_locked(self) -> Any:
+        state = _load_module(self.module, self._softhsm2_conf)
+        if (
+            self._session is not None
+            and self._pid == os.getpid()
+            and self._generation == state.generation
+        ):
+            return self._session
+        self._session = None
+        self._keys.clear()
+        try:
+            token = state.lib.get_token(token_label=self.token_label)
+        except p11e.NoSuchToken:
+            raise HsmTokenNotFound(
+                f"no token labelled {self.token_label!r} in {self.module}"
+            ) from None
+        except p11e.MultipleTokensReturned:
+            raise HsmTokenNotFound(
+                f"several tokens labelled {self.token_label!r}; labels must be unique"
+            ) from None
+        self._session = self._login(token)
+        self._pid = os.getpid()
+        self._generation = state.generation
+        return self._session
+
+    def _login(self, token: Any) -> Any:
+        """Open and log in, retrying the spurious errors of simultaneous first logins."""
+        delay = 0.02
+        for attempt in range(self._login_attempts):
+            try:
+                return token.open(rw=True, user_pin=self._pin())
+            except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
+                raise HsmWrongPin(f"wrong PIN for token {self.token_label!r}") from None
+            except p11e.PinLocked:
+                raise HsmWrongPin(f"the PIN of token {self.token_label!r} is locked") from None
+            except (p11e.GeneralError, p11e.DeviceError, p11e.FunctionFailed) as exc:
+                if attempt == self._login_attempts - 1:
+                    raise HsmError(
+                        f"cannot log in to token {self.token_label!r}: {exc!r}"
+                    ) from None
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.5)
+        raise AssertionError("unreachable")
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(session)`` under the lock; reopen a lost session once."""
+        with PKCS11_LOCK:
+            session = self._session_locked()
+            try:
+                return fn(session)
+            except _LOST:
+                self._session = None
+                self._keys.clear()
+            session = self._session_locked()
+            try:
+                return fn(session)
+            except _LOST as exc:
+                self._session = None
+                raise HsmSessionLost(
+                    f"PKCS#11 session to {self.token_label!r} lost twice: {exc!r}"
+                ) from None
+
+    def open(self) -> None:
+        """Log in now (instead of at the first signature); raises the clear HSM errors."""
+        self._call(lambda s: None)
+
+    def close(self) -> None:
+        """Close this object's session (the module stays initialised)."""
+        with PKCS11_LOCK:
+            if self._session is not None and self._pid == os.getpid():
+                with contextlib.suppress(p11e.PKCS11Error):
+                    self._session.close()
+            self._session = None
+            self._keys.clear()
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def generate_key(self, label: str, spec: str) -> Any:
+        """Generate a token key pair labelled ``label``; return its cryptography public key.
+
+        The private key is CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE and not CKA_EXTRACTABLE.
+        """
+        if spec not in KEY_SPECS:
+            raise HsmError(f"unknown key type {spec!r}; one of {', '.join(KEY_SPECS)}")
+        key_id = hashlib.sha256(label.encode()).digest()[:16]
+        private_template = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True,
+            Attribute.DECRYPT: False,
+        }
+        public_template = {Attribute.TOKEN: True, Attribute.VERIFY: True}
+
+        def generate(session: Any) -> Any:
+            if self._find(session, ObjectClass.PRIVATE_KEY, label) is not None:
+                raise HsmError(f"a key labelled {label!r} already exists in the token")
+            if spec.startswith("ec-"):
+                params = session.create_domain_parameters(
+                    KeyType.EC,
+                    {Attribute.EC_PARAMS: encode_named_curve_parameters(_CURVES[spec][0])},
+                    local=True,
+                )
+                pub, _ = params.generate_keypair(
+                    store=True,
+                    label=label,
+                    id=key_id,
+                    public_template=public_template,
+                    private_template=private_template,
+                )
+            else:
+                pub, _ = session.generate_keypair(
+                    KeyType.RSA,
+                    int(spec.split("-")[1]),
+                    store=True,
+                    label=label,
+                    id=key_id,
+                    public_template=public_template,
+                    private_template=private_template,
+                )
+            return _to_cryptography(pub)
+
+        return self._call(generate)
+
+    @staticmethod
+    def _find(session: Any, cls: ObjectClass, label: str) -> Any:
+        found = list(session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label}))
+        if len(found) > 1:
+            raise HsmError(f"several objects labelled {label!r}; labels must be unique")
+        return found[0] if found else None
+
+    def has_key(self, label: str) -> bool:
+        """True if the token holds a private key labelled ``label``."""
+        return self._call(lambda s: self._find(s, ObjectClass.PRIVATE_KEY, label) is not None)
+
+    def public_key(self, label: str) -> Any:
+        """The cryptography public key of the pair ``label`` (cached)."""
+        if label not in self._public:
+
+            def read(session: Any) -> Any:
+                pub = self._find(session, ObjectClass.PUBLIC_KEY, label)
+                if pub is None:
+                    raise HsmKeyNotFound(f"no public key labelled {label!r} in the token")
+                return _to_cryptography(pub)
+
+            self._public[label] = self._call(read)
+        return self._public[label]
+
+    def private_key_attributes(self, label: str) -> dict[str, bool]:
+        """CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_TOKEN of the private key (for checks)."""
+
+        def read(session: Any) -> dict[str, bool]:
+            key = self._private_locked(session, label)
+            return {
+                "sensitive": bool(key[Attribute.SENSITIVE]),
+                "extractable": bool(key[Attribute.EXTRACTABLE]),
+                "token": bool(key[Attribute.TOKEN]),
+                "never_extractable": bool(key[Attribute.NEVER_EXTRACTABLE]),
+            }
+
+        return self._call(read)
+
+    def read_private_value(self, label: str) -> bytes:
+        """Try to read CKA_VALUE of the private key. Must fail: proves non-extractability."""
+        return self._call(lambda s: self._private_locked(s, label)[Attribute.VALUE])
+
+    def _private_locked(self, session: Any, label: str) -> Any:
+        key = self._keys.get(label)
+        if key is None:
+            key = self._find(session, ObjectClass.PRIVATE_KEY, label)
+            if key is None:
+                raise HsmKeyNotFound(f"no private key labelled {label!r} in the token")
+            self._keys[label] = key
+        return key
+
+    def sign(
+        self, label: str, data: bytes, mechanism: Mechanism, mechanism_param: Any = None
+    ) -> bytes:
+        """Sign ``data`` with the private key ``label`` using ``mechanism``."""
+        started = time.perf_counter()
+
+        def do(session: Any) -> bytes:
+            key = self._private_locked(session, label)
+            return key.sign(data, mechanism=mechanism, mechanism_param=mechanism_param)
+
+        signature = self._call(do)
+        elapsed = time.perf_counter() - started
+        for observe in self.sign_observers:
+            observe(elapsed)
+        return signature
+
+
+def _to_cryptography(pub: Any) -> Any:
+    if pub.key_type == KeyType.EC:
+        return serialization.load_der_public_key(encode_ec_public_key(pub))
+    if pub.key_type == KeyType.RSA:
+        numbers = rsa.RSAPublicNumbers(
+            int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big"),
+            int.from_bytes(pub[Attribute.MODULUS], "big"),
+        )
+        return numbers.public_key()
+    raise HsmError(f"unsupported key type in token: {pub.key_type!r}")

@@ -1,0 +1,362 @@
+"""Store: engine set-up, migrations, and every query hsmca makes.
+
+SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit is durable against a
+process crash (the WAL is written before COMMIT returns) and against power loss up to
+the last checkpoint; losing the newest commits in a power cut leaves ``pending`` rows or
+missing rows, never a signed certificate without a row, because the pending row is
+committed before the HSM signs. Writers take the lock at BEGIN (``BEGIN IMMEDIATE``) so
+concurrent writers queue instead of failing on lock upgrade. PostgreSQL serialises the
+audit chain with a transaction-level advisory lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pki.audit import GENESIS, AuditRecord, StoredEvent, canonical_body, chain_hash
+from pki.clock import Clock, SystemClock
+from pki.errors import Conflict, InvalidInput, NotFound
+from pki.store.models import ApiToken, AuditEvent, Certificate, Issuer
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_AUDIT_LOCK_KEY = 0x68736D6361  # "hsmca"
+
+
+@dataclass(frozen=True)
+class CertificateQuery:
+    """Filters for :meth:`Store.list_certificates`; ``status`` may be ``expired``."""
+
+    status: str | None = None
+    expiring_within: dt.timedelta | None = None
+    profile: str | None = None
+    issuer_id: str | None = None
+    requester: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Certificate]
+    next_cursor: str | None
+
+
+def _sqlite_engine(url: str, immediate: bool) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Store:
+    """Typed access to the database. One instance per process; thread-safe."""
+
+    def __init__(self, url: str, clock: Clock | None = None) -> None:
+        self.url = url
+        self.clock = clock or SystemClock()
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = _sqlite_engine(url, immediate=True)
+            self.read_engine = _sqlite_engine(url, immediate=False)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            self.read_engine = self.engine
+        self._write = sessionmaker(self.engine, expire_on_commit=False)
+        self._read = sessionmaker(self.read_engine, expire_on_commit=False)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Apply every Alembic migration not yet applied (idempotent)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def dispose(self) -> None:
+        """Close pooled connections (call after fork and at shutdown)."""
+        self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._write.begin() as session:
+            yield session
+
+    @contextmanager
+    def _ro(self) -> Iterator[Session]:
+        with self._read() as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        """Raise if the database cannot answer a trivial query."""
+        with self._ro() as s:
+            s.execute(select(1)).scalar_one()
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def _append_audit(self, s: Session, record: AuditRecord) -> None:
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(select(func.pg_advisory_xact_lock(_AUDIT_LOCK_KEY)))
+        last = s.execute(
+            select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+        ).first()
+        event_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+        at = self.clock.now()
+        digest = chain_hash(prev, canonical_body(event_id, at, record))
+        s.execute(
+            insert(AuditEvent).values(
+                id=event_id,
+                at=at,
+                actor=record.actor,
+                action=record.action,
+                subject=record.subject,
+                outcome=record.outcome,
+                details=record.details,
+                prev_hash=prev,
+                hash=digest,
+            )
+        )
+
+    def audit(self, record: AuditRecord) -> None:
+        """Append one event on its own (for events with no other state change)."""
+        with self._tx() as s:
+            self._append_audit(s, record)
+
+    def audit_events(self) -> Iterator[StoredEvent]:
+        """All events in id order, streamed."""
+        with self._ro() as s:
+            for row in s.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars():
+                yield StoredEvent(
+                    id=row.id,
+                    at=row.at,
+                    actor=row.actor,
+                    action=row.action,
+                    subject=row.subject,
+                    outcome=row.outcome,
+                    details=row.details,
+                    prev_hash=row.prev_hash,
+                    hash=row.hash,
+                )
+
+    def tamper_audit_event(self, event_id: int, **changes: Any) -> None:
+        """Rewrite or (``delete=True``) remove an event behind the chain's back. Tests only."""
+        with self._tx() as s:
+            if changes.pop("delete", False):
+                s.execute(AuditEvent.__table__.delete().where(AuditEvent.id == event_id))
+            else:
+                s.execute(update(AuditEvent).where(AuditEvent.id == event_id).values(**changes))
+
+    # -- issuers ---------------------------------------------------------------------------
+
+    def add_issuer(self, issuer: Issuer, record: AuditRecord) -> None:
+        with self._tx() as s:
+            s.add(issuer)
+            self._append_audit(s, record)
+
+    def issuers(self) -> list[Issuer]:
+        with self._ro() as s:
+            return list(s.execute(select(Issuer).order_by(Issuer.created_at)).scalars())
+
+    def issuer(self, issuer_id: str) -> Issuer:
+        with self._ro() as s:
+            found = s.get(Issuer, issuer_id)
+        if found is None:
+            raise NotFound(f"no issuer {issuer_id!r}")
+        return found
+
+    def set_issuer_ocsp(self, issuer_id: str, key_label: str, serial: str) -> None:
+        with self._tx() as s:
+            s.execute(
+                update(Issuer)
+                .where(Issuer.id == issuer_id)
+                .values(ocsp_key_label=key_label, ocsp_serial=serial)
+            )
+
+    def next_crl_number(self, issuer_id: str) -> int:
+        """Increment and return the issuer's CRL number (monotonic, never reused)."""
+        with self._tx() as s:
+            s.execute(
+                update(Issuer)
+                .where(Issuer.id == issuer_id)
+                .values(crl_number=Issuer.crl_number + 1)
+            )
+            return s.execute(select(Issuer.crl_number).where(Issuer.id == issuer_id)).scalar_one()
+
+    # -- certificates ----------------------------------------------------------------------
+
+    def insert_pending(self, values: dict[str, Any]) -> None:
+        """Commit the to-be-signed record in state ``pending``; Conflict if the serial exists."""
+        row = dict(values, status="pending", created_at=self.clock.now())
+        try:
+            with self._tx() as s:
+                s.execute(insert(Certificate).values(**row))
+        except IntegrityError:
+            raise Conflict(f"serial {values['serial']} already exists") from None
+
+    def complete_issuance(self, serial: str, der: bytes, record: AuditRecord) -> None:
+        """Store the signed DER, mark the row ``good`` and audit, in one transaction."""
+        with self._tx() as s:
+            done = s.execute(
+                update(Certificate)
+                .where(Certificate.serial == serial, Certificate.status == "pending")
+                .values(der=der, status="good")
+            )
+            if done.rowcount != 1:
+                raise Conflict(f"certificate {serial} is no longer pending")
+            self._append_audit(s, record)
+
+    def certificate(self, serial: str) -> Certificate:
+        with self._ro() as s:
+            found = s.execute(select(Certificate).where(Certificate.serial == serial)).scalar()
+        if found is None:
+            raise NotFound(f"no certificate with serial {serial}")
+        return found
+
+    def count_certificates(self) -> int:
+        with self._ro() as s:
+            return s.execute(select(func.count()).select_from(Certificate)).scalar_one()
+
+    def list_certificates(self, query: CertificateQuery) -> Page:
+        """One page of certificates in issuance order; ``next_cursor`` continues it."""
+        now = self.clock.now()
+        stmt = select(Certificate).order_by(Certificate.id).limit(query.limit + 1)
+        if query.status == "expired":
+            stmt = stmt.where(Certificate.status == "good", Certificate.not_after <= now)
+        elif query.status == "good":
+            stmt = stmt.where(Certificate.status == "good", Certificate.not_after > now)
+        elif query.status:
+            stmt = stmt.where(Certificate.status == query.status)
+        if query.expiring_within is not None:
+            stmt = stmt.where(
+                Certificate.status == "good",
+                Certificate.not_after > now,
+                Certificate.not_after <= now + query.expiring_within,
+            )
+        if query.profile:
+            stmt = stmt.where(Certificate.profile == query.profile)
+        if query.issuer_id:
+            stmt = stmt.where(Certificate.issuer_id == query.issuer_id)
+        if query.requester:
+            stmt = stmt.where(Certificate.requester == query.requester)
+        if query.cursor:
+            stmt = stmt.where(Certificate.id > _decode_cursor(query.cursor))
+        with self._ro() as s:
+            rows = list(s.execute(stmt).scalars())
+        if len(rows) > query.limit:
+            return Page(rows[: query.limit], _encode_cursor(rows[query.limit - 1].id))
+        return Page(rows, None)
+
+    def revoke(self, serial: str, reason: str, at: dt.datetime, record: AuditRecord) -> Certificate:
+        """Mark a good or pending certificate revoked and audit; Conflict if already revoked."""
+        with self._tx() as s:
+            cert = s.execute(select(Certificate).where(Certificate.serial == serial)).scalar()
+            if cert is None:
+                raise NotFound(f"no certificate with serial {serial}")
+            if cert.status == "revoked":
+                raise Conflict(f"certificate {serial} is already revoked")
+            cert.status = "revoked"
+            cert.revoked_at = at
+            cert.revocation_reason = reason
+            self._append_audit(s, record)
+            s.flush()
+            return cert
+
+    def pending_before(self, cutoff: dt.datetime) -> list[Certificate]:
+        """Pending rows created before ``cutoff``: issuance that never completed."""
+        with self._ro() as s:
+            stmt = select(Certificate).where(
+                Certificate.status == "pending", Certificate.created_at < cutoff
+            )
+            return list(s.execute(stmt).scalars())
+
+    def revoked_entries(self, issuer_id: str, now: dt.datetime) -> list[tuple[str, Any, Any]]:
+        """(serial, revoked_at, reason) of unexpired revoked certificates of an issuer."""
+        stmt = select(
+            Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason
+        ).where(
+            Certificate.issuer_id == issuer_id,
+            Certificate.status == "revoked",
+            Certificate.not_after > now,
+        )
+        with self._ro() as s:
+            return [tuple(r) for r in s.execute(stmt)]
+
+    # -- API tokens ------------------------------------------------------------------------
+
+    def add_token(self, token: ApiToken, record: AuditRecord) -> None:
+        try:
+            with self._tx() as s:
+                s.add(token)
+                self._append_audit(s, record)
+        except IntegrityError:
+            raise Conflict(f"a token named {token.name!r} already exists") from None
+
+    def token_by_digest(self, digest: str) -> ApiToken | None:
+        with self._ro() as s:
+            return s.execute(select(ApiToken).where(ApiToken.token_sha256 == digest)).scalar()
+
+    def tokens(self) -> list[ApiToken]:
+        with self._ro() as s:
+            return list(s.execute(select(ApiToken).order_by(ApiToken.id)).scalars())
+
+    def revoke_token(self, name: str, record: AuditRecord) -> ApiToken:
+        with self._tx() as s:
+            token = s.execute(select(ApiToken).where(ApiToken.name == name)).scalar()
+            if token is None:
+                raise NotFound(f"no token named {name!r}")
+            token.revoked_at = self.clock.now()
+            self._append_audit(s, record)
+            s.flush()
+            return token
+
+    def use_single_use_token(self, token_id: int) -> bool:
+        """Mark a single-use token used; False if it was used already (race-safe)."""
+        with self._tx() as s:
+            done = s.execute(
+                update(ApiToken)
+                .where(ApiToken.id == token_id, ApiToken.used_at.is_(None))
+                .values(used_at=self.clock.now())
+            )
+            return done.rowcount == 1
+
+
+def _encode_cursor(row_id: int) -> str:
+    return base64.urlsafe_b64encode(str(row_id).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput(f"invalid cursor {cursor!r}") from None

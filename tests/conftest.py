@@ -1,0 +1,120 @@
+"""Shared fixtures: real SoftHSM2 tokens in temporary homes, real databases.
+
+* ``ca_home``   — one initialised home per xdist worker (SQLite), shared by tests that
+  only add certificates; never tamper with it.
+* ``fresh_home`` — a new initialised home for a test that changes global state.
+* ``pki``       — a :class:`pki.service.Pki` opened on ``ca_home``.
+* ``pg_url``    — a throwaway PostgreSQL server per worker (skipped loudly if impossible).
+* ``make_csr``  — builds CSRs with software keys (requesters' keys are not CA keys).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from pki.bootstrap import initialise
+from pki.config import write_default_config
+from pki.service import Pki
+
+if shutil.which("softhsm2-util") is None:  # pragma: no cover - CI installs it
+    pytest.exit("softhsm2-util not found: run `make test` (it installs SoftHSM2)", 2)
+
+
+@pytest.fixture(scope="session")
+def ca_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("ca-home")
+    initialise(home, "Test Org", ("svc.test",))
+    return home
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    initialise(home, "Fresh Org")
+    return home
+
+
+@pytest.fixture
+def pki(ca_home: Path) -> Iterator[Pki]:
+    core = Pki.open(ca_home)
+    yield core
+    core.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.pg import PostgresUnavailable, running_postgres
+
+    try:
+        with running_postgres(tmp_path_factory.mktemp("pg")) as url:
+            yield url
+    except PostgresUnavailable as exc:
+        msg = f"!!! PostgreSQL UNAVAILABLE — PostgreSQL tests SKIPPED: {exc}"
+        print(msg, file=sys.stderr)
+        pytest.skip(msg)
+
+
+@pytest.fixture
+def pg_home(tmp_path: Path, pg_url: str) -> Path:
+    """An initialised home whose database is a fresh PostgreSQL database."""
+    from tests.pg import create_database
+
+    url = create_database(pg_url, f"h{tmp_path.name.lower().replace('-', '_')[-40:]}")
+    home = tmp_path / "pg-home"
+    home.mkdir()
+    write_default_config(home, {"database": {"url": url}})
+    initialise(home, "PG Org")
+    return home
+
+
+CsrFactory = Callable[..., bytes]
+
+
+def build_csr(
+    cn: str | None = "app.svc.test",
+    sans: tuple[str, ...] = ("app.svc.test",),
+    key: object | None = None,
+    ca: bool = False,
+    serial_number: str | None = None,
+) -> tuple[bytes, object]:
+    """A PEM CSR and its (software) private key."""
+    import ipaddress
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    attrs = []
+    if cn:
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    if serial_number:
+        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attrs))
+    names: list[x509.GeneralName] = []
+    for s in sans:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(s)))
+        except ValueError:
+            names.append(x509.UniformResourceIdentifier(s) if ":" in s else x509.DNSName(s))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+    csr = builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    return csr.public_bytes(serialization.Encoding.PEM), key
+
+
+@pytest.fixture
+def make_csr() -> CsrFactory:
+    """``make_csr(cn=..., sans=(...), key=..., ca=False)`` -> PEM bytes."""
+
+    def make(**kwargs: object) -> bytes:
+        return build_csr(**kwargs)[0]  # type: ignore[arg-type]
+
+    return make
