@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 
 from pki.errors import Forbidden
@@ -21,7 +22,7 @@ class Actor:
     profiles: tuple[str, ...] = ()
     max_ttl: dt.timedelta | None = None
 
-    @property
+    @functools.cached_property
     def name_policy(self) -> NamePolicy:
         return NamePolicy(self.allowed_names)
 

@@ -89,6 +89,7 @@ class Pki:
         self.profiles = ProfileRegistry(settings)
         self.urls = CaUrls(settings.server.public_http_url)
         self._signers: dict[str, SigningIssuer] = {}
+        self._chains: dict[str, str] = {}
         self._issuers: dict[str, Issuer] | None = None
 
     @classmethod
@@ -128,6 +129,7 @@ class Pki:
         if self._issuers is None or refresh:
             self._issuers = {i.id: i for i in self.store.issuers()}
             self._signers.clear()
+            self._chains.clear()
         return self._issuers
 
     def root_issuer(self) -> Issuer:
@@ -161,13 +163,15 @@ class Pki:
 
     def chain_pem(self, issuer_id: str) -> str:
         """PEM of the issuing CA up to, not including, the root (leaf-to-root order)."""
-        issuers = self.issuers()
-        parts: list[str] = []
-        current = issuers.get(issuer_id)
-        while current is not None and current.kind != "root":
-            parts.append(pem_of(current.der))
-            current = issuers.get(current.parent_id) if current.parent_id else None
-        return "".join(parts)
+        if issuer_id not in self._chains:
+            issuers = self.issuers()
+            parts: list[str] = []
+            current = issuers.get(issuer_id)
+            while current is not None and current.kind != "root":
+                parts.append(pem_of(current.der))
+                current = issuers.get(current.parent_id) if current.parent_id else None
+            self._chains[issuer_id] = "".join(parts)
+        return self._chains[issuer_id]
 
     # -- issuance --------------------------------------------------------------------------
 
@@ -235,19 +239,16 @@ class Pki:
                 "not_after": not_after.replace(microsecond=0),
             }
         )
-        certificate = build_end_entity(
-            issuer,
-            EndEntityRequest(
-                serial=int(serial, 16),
-                subject=subject,
-                names=names,
-                public_key=public_key,
-                not_before=not_before.replace(microsecond=0),
-                not_after=not_after.replace(microsecond=0),
-                profile=profile,
-            ),
-            self.urls,
+        request = EndEntityRequest(
+            serial=int(serial, 16),
+            subject=subject,
+            names=names,
+            public_key=public_key,
+            not_before=not_before.replace(microsecond=0),
+            not_after=not_after.replace(microsecond=0),
+            profile=profile,
         )
+        certificate = build_end_entity(issuer, request, self.urls)
         self.store.complete_issuance(
             serial,
             certificate.public_bytes(Encoding.DER),
@@ -259,11 +260,25 @@ class Pki:
                     "profile": profile.name,
                     "names": names.all(),
                     "issuer": issuer.id,
-                    "not_after": not_after.replace(microsecond=0).isoformat(),
+                    "not_after": request.not_after.isoformat(),
                 },
             ),
         )
-        return self.show(serial)
+        return CertificateRecord(
+            serial=serial,
+            issuer_id=issuer.id,
+            subject=subject.rfc4514_string(),
+            sans=names.tagged(),
+            profile=profile.name,
+            requester=actor.name,
+            status="good",
+            not_before=request.not_before,
+            not_after=request.not_after,
+            revoked_at=None,
+            revocation_reason=None,
+            certificate_pem=certificate.public_bytes(Encoding.PEM).decode(),
+            chain_pem=self.chain_pem(issuer.id),
+        )
 
     def _names_for(
         self, profile: Profile, names: RequestedNames, device_id: str | None

@@ -21,7 +21,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +32,52 @@ from pki.store.models import ApiToken, AuditEvent, Certificate, Issuer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _AUDIT_LOCK_KEY = 0x68736D6361  # "hsmca"
+
+# Hot-path statements, built once: values arrive as execute() parameters, so SQLAlchemy
+# reuses the compiled form instead of coercing a fresh ``.values()`` on every call.
+_CERTS = Certificate.__table__
+_AUDIT = AuditEvent.__table__
+_INSERT_CERTIFICATE = _CERTS.insert()
+_COMPLETE_CERTIFICATE = (
+    _CERTS.update()
+    .where(_CERTS.c.serial == bindparam("p_serial"), _CERTS.c.status == "pending")
+    .values(der=bindparam("p_der"), status="good")
+)
+_PENDING_DEFAULTS: dict[str, Any] = {"revoked_at": None, "revocation_reason": None, "der": None}
+_INSERT_AUDIT = _AUDIT.insert()
+_LAST_AUDIT = select(_AUDIT.c.id, _AUDIT.c.hash).order_by(_AUDIT.c.id.desc()).limit(1)
+_PG_AUDIT_LOCK = select(func.pg_advisory_xact_lock(_AUDIT_LOCK_KEY))
+
+
+class _Compiled:
+    """A statement compiled once for a dialect, run on a DB-API cursor.
+
+    SQLAlchemy's per-execution overhead (~0.25 ms here) was most of the cost of an
+    issuance, so the hot path uses the SQL SQLAlchemy compiled, with the column types'
+    own bind processors, straight on the driver.
+    """
+
+    def __init__(self, stmt: Any, dialect: Any, columns: list[str] | None = None) -> None:
+        compiled = stmt.compile(dialect=dialect, column_keys=columns)
+        self.sql = compiled.string
+        self.order = list(compiled.positiontup or []) if compiled.positional else None
+        self.processors = {
+            name: bind.type.bind_processor(dialect) for name, bind in compiled.binds.items()
+        }
+        self.constants = {
+            name: bind.value for name, bind in compiled.binds.items() if bind.value is not None
+        }
+
+    def run(self, cursor: Any, params: dict[str, Any] | None = None) -> Any:
+        values = dict(self.constants, **(params or {}))
+        for name, process in self.processors.items():
+            if process is not None and name in values:
+                values[name] = process(values[name])
+        if self.order is not None:
+            cursor.execute(self.sql, tuple(values[name] for name in self.order))
+        else:
+            cursor.execute(self.sql, values)
+        return cursor
 
 
 @dataclass(frozen=True)
@@ -53,8 +99,27 @@ class Page:
     next_cursor: str | None
 
 
+class _FastStatements:
+    def __init__(self, dialect: Any) -> None:
+        self.insert_certificate = _Compiled(
+            _INSERT_CERTIFICATE, dialect, [c.name for c in _CERTS.columns if c.name != "id"]
+        )
+        self.complete_certificate = _Compiled(_COMPLETE_CERTIFICATE, dialect)
+        self.insert_audit = _Compiled(_INSERT_AUDIT, dialect, [c.name for c in _AUDIT.columns])
+        self.last_audit = _Compiled(_LAST_AUDIT, dialect)
+        self.pg_lock = (
+            _Compiled(_PG_AUDIT_LOCK, dialect) if dialect.name == "postgresql" else None
+        )
+
+
 def _sqlite_engine(url: str, immediate: bool) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    # Every transaction ends in an explicit COMMIT or ROLLBACK, so the pool need not
+    # roll back again on each check-in.
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_reset_on_return=None,
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -62,6 +127,9 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
+        # checkpoint every ~40 MB of WAL instead of 4 MB: hot index pages are then copied
+        # back once per many commits (measured: commit 320 -> 130 us)
+        cur.execute("PRAGMA wal_autocheckpoint=10000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
@@ -89,6 +157,7 @@ class Store:
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
             self.read_engine = self.engine
+        self._fast = _FastStatements(self.engine.dialect)
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
 
@@ -126,27 +195,51 @@ class Store:
     # -- audit -----------------------------------------------------------------------------
 
     def _append_audit(self, s: Session, record: AuditRecord) -> None:
-        if s.get_bind().dialect.name == "postgresql":
-            s.execute(select(func.pg_advisory_xact_lock(_AUDIT_LOCK_KEY)))
-        last = s.execute(
-            select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
-        ).first()
+        """Append ``record`` inside the session's write transaction."""
+        raw = s.connection().connection.dbapi_connection
+        assert raw is not None
+        self._append_audit_raw(raw.cursor(), record)
+
+    def _append_audit_raw(self, cursor: Any, record: AuditRecord) -> None:
+        """Append ``record`` to the chain inside the cursor's write transaction."""
+        fast = self._fast
+        if fast.pg_lock is not None:
+            fast.pg_lock.run(cursor)
+        last = fast.last_audit.run(cursor).fetchone()
         event_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
         at = self.clock.now()
         digest = chain_hash(prev, canonical_body(event_id, at, record))
-        s.execute(
-            insert(AuditEvent).values(
-                id=event_id,
-                at=at,
-                actor=record.actor,
-                action=record.action,
-                subject=record.subject,
-                outcome=record.outcome,
-                details=record.details,
-                prev_hash=prev,
-                hash=digest,
-            )
+        fast.insert_audit.run(
+            cursor,
+            {
+                "id": event_id,
+                "at": at,
+                "actor": record.actor,
+                "action": record.action,
+                "subject": record.subject,
+                "outcome": record.outcome,
+                "details": record.details,
+                "prev_hash": prev,
+                "hash": digest,
+            },
         )
+
+    @contextmanager
+    def _raw_tx(self) -> Iterator[Any]:
+        """A write transaction on a pooled driver connection (hot path only)."""
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            if self.is_sqlite:
+                cursor.execute("BEGIN IMMEDIATE")
+            try:
+                yield cursor
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+        finally:
+            conn.close()
 
     def audit(self, record: AuditRecord) -> None:
         """Append one event on its own (for events with no other state change)."""
@@ -217,24 +310,22 @@ class Store:
 
     def insert_pending(self, values: dict[str, Any]) -> None:
         """Commit the to-be-signed record in state ``pending``; Conflict if the serial exists."""
-        row = dict(values, status="pending", created_at=self.clock.now())
+        row = dict(_PENDING_DEFAULTS, **values, status="pending", created_at=self.clock.now())
         try:
-            with self._tx() as s:
-                s.execute(insert(Certificate).values(**row))
-        except IntegrityError:
+            with self._raw_tx() as cursor:
+                self._fast.insert_certificate.run(cursor, row)
+        except self.engine.dialect.loaded_dbapi.IntegrityError:
             raise Conflict(f"serial {values['serial']} already exists") from None
 
     def complete_issuance(self, serial: str, der: bytes, record: AuditRecord) -> None:
         """Store the signed DER, mark the row ``good`` and audit, in one transaction."""
-        with self._tx() as s:
-            done = s.execute(
-                update(Certificate)
-                .where(Certificate.serial == serial, Certificate.status == "pending")
-                .values(der=der, status="good")
+        with self._raw_tx() as cursor:
+            done = self._fast.complete_certificate.run(
+                cursor, {"p_serial": serial, "p_der": der}
             )
             if done.rowcount != 1:
                 raise Conflict(f"certificate {serial} is no longer pending")
-            self._append_audit(s, record)
+            self._append_audit_raw(cursor, record)
 
     def certificate(self, serial: str) -> Certificate:
         with self._ro() as s:

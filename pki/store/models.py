@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -96,15 +97,25 @@ class Certificate(Base):
     der: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
+    # Few indexes on purpose: each one is written by every issuance. State-specific
+    # look-ups use partial indexes that only pending or revoked rows enter.
     __table_args__ = (
-        Index("ix_certificates_not_after", "not_after"),
         Index("ix_certificates_status_not_after", "status", "not_after"),
-        Index("ix_certificates_issuer_status", "issuer_id", "status"),
-        Index("ix_certificates_profile", "profile"),
         Index("ix_certificates_common_name", "common_name"),
-        Index("ix_certificates_requester", "requester"),
         Index("ix_certificates_public_key_sha256", "public_key_sha256"),
-        Index("ix_certificates_status_created_at", "status", "created_at"),
+        Index(
+            "ix_certificates_pending_created_at",
+            "created_at",
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_certificates_revoked_issuer",
+            "issuer_id",
+            "not_after",
+            sqlite_where=text("status = 'revoked'"),
+            postgresql_where=text("status = 'revoked'"),
+        ),
     )
 
 
@@ -135,9 +146,9 @@ class AuditEvent(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     actor: Mapped[str] = mapped_column(String(255))
-    action: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str | None] = mapped_column(String(255))
     outcome: Mapped[str] = mapped_column(String(16))  # ok | refused | error
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
     prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash: Mapped[str] = mapped_column(String(64))
