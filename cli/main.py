@@ -97,7 +97,13 @@ def pass_home(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # The sub-command modules register themselves on ``main``.
-from cli import ca_commands, cert_commands, init_commands, token_commands  # noqa: E402,F401
+from cli import (  # noqa: E402,F401
+    ca_commands,
+    cert_commands,
+    init_commands,
+    serve_commands,
+    token_commands,
+)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

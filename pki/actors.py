@@ -21,6 +21,8 @@ class Actor:
     allowed_names: tuple[str, ...] = ("*",)
     profiles: tuple[str, ...] = ()
     max_ttl: dt.timedelta | None = None
+    #: the single-use token this actor authenticated with; consumed by its first issuance
+    single_use_token_id: int | None = None
 
     @functools.cached_property
     def name_policy(self) -> NamePolicy:

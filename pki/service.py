@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import hmac
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
 
-from pki.actors import ROLES, Actor
+from pki.access import AccessMixin, CreatedToken, token_digest
+from pki.actors import Actor
 from pki.audit import AuditRecord, VerifyResult, verify_chain
 from pki.clock import Clock, SystemClock
 from pki.config import Settings, load_settings, resolve_home
@@ -34,7 +37,7 @@ from pki.errors import (
 )
 from pki.hsm import Hsm
 from pki.hsm_keys import hsm_private_key
-from pki.policy import RequestedNames, classify_names, parse_csr, resolve_ttl
+from pki.policy import RequestedNames, parse_csr, resolve_ttl
 from pki.profiles import Profile, ProfileRegistry
 from pki.records import CertificateRecord, pem_of
 from pki.revocation import build_crl, parse_reason
@@ -46,9 +49,7 @@ from pki.signer import (
     build_end_entity,
     end_entity_subject,
 )
-from pki.store import ApiToken, CertificateQuery, Issuer, Store
-
-TOKEN_PREFIX = "hsmca_"
+from pki.store import CertificateQuery, Issuer, Store
 
 
 @dataclass(frozen=True)
@@ -61,24 +62,13 @@ class IssueRequest:
     device_id: str | None = None
 
 
-@dataclass(frozen=True)
-class CreatedToken:
-    secret: str
-    token: ApiToken
-
-
-def token_digest(secret: str) -> str:
-    """The stored form of a bearer token: SHA-256 hex (tokens are 256-bit random)."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 def spki_der(public_key: object) -> bytes:
     return public_key.public_bytes(  # type: ignore[attr-defined]
         Encoding.DER, PublicFormat.SubjectPublicKeyInfo
     )
 
 
-class Pki:
+class Pki(AccessMixin):
     """The core of one process: settings, store, HSM and clock, plus the use-cases."""
 
     def __init__(self, settings: Settings, store: Store, hsm: Hsm, clock: Clock) -> None:
@@ -90,6 +80,7 @@ class Pki:
         self.urls = CaUrls(settings.server.public_http_url)
         self._signers: dict[str, SigningIssuer] = {}
         self._chains: dict[str, str] = {}
+        self._crls: dict[str, tuple[dt.datetime, bytes]] = {}
         self._issuers: dict[str, Issuer] | None = None
 
     @classmethod
@@ -206,6 +197,8 @@ class Pki:
         ttl: dt.timedelta | None,
         actor: Actor,
         device_id: str | None = None,
+        action: str = "certificate.issue",
+        details: dict[str, object] | None = None,
     ) -> CertificateRecord:
         """Issue for a checked public key and names (the CSR-less path used by ``init``)."""
         try:
@@ -214,8 +207,13 @@ class Pki:
             self._authorise_issue(actor, profile, names)
             lifetime = resolve_ttl(profile, ttl, actor.max_ttl)
         except (PolicyError, Forbidden) as exc:
-            self._refused(actor, "certificate.issue", None, str(exc))
+            self._refused(actor, action, None, str(exc))
             raise
+        if actor.single_use_token_id is not None and not self.store.use_single_use_token(
+            actor.single_use_token_id
+        ):
+            self._refused(actor, action, None, "single-use token already used")
+            raise Unauthorised("single-use token already used")
         issuer = self.signer(self.issuing_issuer(profile.issuer or None).id)
         now = self.clock.now()
         not_before = now - dt.timedelta(seconds=self.settings.ca.backdate_seconds)
@@ -253,7 +251,7 @@ class Pki:
             serial,
             certificate.public_bytes(Encoding.DER),
             AuditRecord(
-                action="certificate.issue",
+                action=action,
                 actor=actor.name,
                 subject=serial,
                 details={
@@ -261,6 +259,7 @@ class Pki:
                     "names": names.all(),
                     "issuer": issuer.id,
                     "not_after": request.not_after.isoformat(),
+                    **(details or {}),
                 },
             ),
         )
@@ -317,6 +316,12 @@ class Pki:
                 continue
         raise HsmcaError("could not allocate a unique serial number")
 
+    def audit_refusal(
+        self, action: str, subject: str | None, why: str, actor: str = "anonymous"
+    ) -> None:
+        """Record a refused request (failed authentication, forbidden operation)."""
+        self._refused(Actor(name=actor, role="none"), action, subject, why)
+
     def _refused(self, actor: Actor, action: str, subject: str | None, why: str) -> None:
         self.store.audit(
             AuditRecord(
@@ -326,6 +331,62 @@ class Pki:
                 outcome="refused",
                 details={"reason": why[:500]},
             )
+        )
+
+    # -- mTLS identity and renewal ---------------------------------------------------------
+
+    def authenticate_certificate(self, der: bytes) -> CertificateRecord:
+        """The record of a client certificate this CA issued, still good; else Unauthorised."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            row = self.store.certificate(serial_hex(cert.serial_number))
+        except (ValueError, NotFound):
+            row = None
+        if row is None or row.der != der:
+            self.audit_refusal("auth.mtls", None, "client certificate not issued by this CA")
+            raise Unauthorised("client certificate was not issued by this CA")
+        if row.status != "good" or row.not_after <= self.clock.now():
+            self.audit_refusal("auth.mtls", row.serial, f"client certificate {row.status}")
+            raise Unauthorised("client certificate is revoked or expired")
+        return CertificateRecord.from_row(row, self.clock.now(), self.chain_pem(row.issuer_id))
+
+    def renew(self, presented_der: bytes, csr: str | bytes | None = None) -> CertificateRecord:
+        """A new certificate for the identity of ``presented_der`` (same names and profile),
+        for a new key from ``csr`` or the same key; authenticated by the TLS handshake."""
+        current = self.authenticate_certificate(presented_der)
+        row = self.store.certificate(current.serial)
+        actor = Actor(name=row.requester, role="issuer", allowed_names=("*",))
+        profile = self.profiles.get(row.profile)
+        device_id = row.common_name if profile.device else None
+        if csr is None:
+            public_key = load_der_public_key(row.spki)
+            names = _names_from_tags(row.sans)
+            common_name = row.common_name
+        else:
+            try:
+                parsed = parse_csr(csr, self.settings.policy)
+            except PolicyError as exc:
+                self._refused(actor, "certificate.renew", row.serial, str(exc))
+                raise
+            public_key, common_name = parsed.public_key, row.common_name
+            names = self._names_for(profile, parsed.names, device_id)
+            if set(names.tagged()) != set(row.sans):
+                why = "a renewal must request the same names as the current certificate"
+                self._refused(actor, "certificate.renew", row.serial, why)
+                raise Forbidden(f"{why} ({', '.join(row.sans)})")
+        lifetime = row.not_after - row.not_before
+        lifetime -= dt.timedelta(seconds=self.settings.ca.backdate_seconds)
+        lifetime = min(max(lifetime, dt.timedelta(minutes=5)), profile.max_ttl)
+        return self.issue_for_key(
+            public_key,
+            names,
+            common_name,
+            profile.name,
+            lifetime,
+            actor,
+            device_id,
+            action="certificate.renew",
+            details={"renewal_of": row.serial, "authenticated_by": "mtls"},
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -398,6 +459,19 @@ class Pki:
                 continue
         return done
 
+    def current_crl(
+        self, issuer_id: str, max_age: dt.timedelta = dt.timedelta(seconds=30)
+    ) -> bytes:
+        """The CRL to publish for ``issuer_id``: rebuilt when older than ``max_age``."""
+        if issuer_id not in self.issuers():
+            raise NotFound(f"no issuer {issuer_id!r}")
+        cached = self._crls.get(issuer_id)
+        now = self.clock.now()
+        if cached is None or now - cached[0] > max_age:
+            cached = (now, self.build_crl(issuer_id))
+            self._crls[issuer_id] = cached
+        return cached[1]
+
     def build_crl(self, issuer_id: str, validity: dt.timedelta = dt.timedelta(days=1)) -> bytes:
         """A fresh full CRL (DER) for ``issuer_id`` with the next CRL number."""
         now = self.clock.now().replace(microsecond=0)
@@ -411,88 +485,30 @@ class Pki:
         )
         return crl.public_bytes(Encoding.DER)
 
-    # -- tokens ----------------------------------------------------------------------------
+    # -- service information ---------------------------------------------------------------
 
-    def create_token(
-        self,
-        role: str,
-        name: str | None,
-        actor: Actor,
-        allowed_names: tuple[str, ...] = (),
-        profiles: tuple[str, ...] = (),
-        ttl: dt.timedelta | None = None,
-        single_use: bool = False,
-    ) -> CreatedToken:
-        """Create a bearer token; the secret is returned once and only its hash stored."""
-        actor.require_role("admin")
-        if role not in ROLES:
-            raise InvalidInput(f"unknown role {role!r}; one of {', '.join(ROLES)}")
-        for p in profiles:
-            self.profiles.get(p)
-        if allowed_names:
-            for pattern in allowed_names:
-                probe = pattern.replace("*.", "x.", 1) if pattern.startswith("*.") else pattern
-                if pattern != "*" and "/" not in pattern and ":" not in pattern:
-                    classify_names([probe])
-        now = self.clock.now()
-        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        name = name or f"{role}-{secrets.token_hex(4)}"
-        token = ApiToken(
-            name=name,
-            role=role,
-            token_sha256=token_digest(secret),
-            allowed_names=list(allowed_names or (("*",) if role != "issuer" else ())),
-            profiles=list(profiles),
-            max_ttl_seconds=None,
-            single_use=single_use,
-            expires_at=(now + ttl) if ttl else None,
-            created_at=now,
-        )
-        if role == "issuer" and not token.allowed_names:
-            raise InvalidInput("an issuer token needs --allowed-names (e.g. '*.svc.internal')")
-        self.store.add_token(
-            token,
-            AuditRecord(
-                action="token.create",
-                actor=actor.name,
-                subject=name,
-                details={
-                    "role": role,
-                    "allowed_names": token.allowed_names,
-                    "profiles": token.profiles,
-                    "single_use": single_use,
-                },
-            ),
-        )
-        return CreatedToken(secret, token)
+    def health(self) -> dict[str, str]:
+        """Check the database and the HSM (the issuing key is reachable)."""
+        status: dict[str, str] = {}
+        try:
+            self.store.ping()
+            status["database"] = "ok"
+        except Exception as exc:
+            status["database"] = f"error: {type(exc).__name__}"
+        try:
+            issuer = self.issuing_issuer()
+            self.hsm.public_key(issuer.key_label)
+            status["hsm"] = "ok" if self.hsm.has_key(issuer.key_label) else "key missing"
+        except HsmcaError as exc:
+            status["hsm"] = f"error: {exc.kind}"
+        return status
 
-    def authenticate_token(self, secret: str) -> Actor:
-        """The actor for a bearer token, or Unauthorised (expired, revoked, unknown)."""
-        row = self.store.token_by_digest(token_digest(secret))
-        if row is None or not hmac.compare_digest(row.token_sha256, token_digest(secret)):
-            raise Unauthorised("invalid bearer token")
-        now = self.clock.now()
-        if row.revoked_at is not None or (row.expires_at and row.expires_at <= now):
-            raise Unauthorised("bearer token expired or revoked")
-        if row.single_use and row.used_at is not None:
-            raise Unauthorised("single-use token already used")
-        return Actor(
-            name=f"token:{row.name}",
-            role=row.role,
-            allowed_names=tuple(row.allowed_names),
-            profiles=tuple(row.profiles),
-            max_ttl=dt.timedelta(seconds=row.max_ttl_seconds) if row.max_ttl_seconds else None,
-        )
-
-    def list_tokens(self) -> list[ApiToken]:
-        """Every token (hashes only; secrets are never stored)."""
-        return self.store.tokens()
-
-    def revoke_token(self, name: str, actor: Actor) -> ApiToken:
-        actor.require_role("admin")
-        return self.store.revoke_token(
-            name, AuditRecord(action="token.revoke", actor=actor.name, subject=name)
-        )
+    def issuer_der(self, issuer_id: str) -> bytes:
+        """The DER certificate of issuer ``issuer_id`` (the AIA caIssuers document)."""
+        issuer = self.issuers().get(issuer_id)
+        if issuer is None:
+            raise NotFound(f"no issuer {issuer_id!r}")
+        return issuer.der
 
     # -- audit -----------------------------------------------------------------------------
 
@@ -500,6 +516,18 @@ class Pki:
         return verify_chain(self.store.audit_events())
 
 
+def _names_from_tags(tags: list[str]) -> RequestedNames:
+    """Inverse of :meth:`RequestedNames.tagged`."""
+    by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": []}
+    for tag in tags:
+        kind, _, value = tag.partition(":")
+        by_kind[kind].append(value)
+    return RequestedNames(tuple(by_kind["dns"]), tuple(by_kind["ip"]), tuple(by_kind["uri"]))
+
+
 def _cn(subject: x509.Name) -> str | None:
     attrs = subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else None
+
+
+__all__ = ["CreatedToken", "IssueRequest", "Pki", "spki_der", "token_digest"]

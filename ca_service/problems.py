@@ -1,0 +1,113 @@
+"""RFC 9457 problem documents for every error the service returns."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, g, json
+from werkzeug.exceptions import HTTPException
+
+from pki import errors
+
+PROBLEM_TYPE = "application/problem+json"
+log = logging.getLogger("hsmca.http")
+
+_STATUS: list[tuple[type[errors.HsmcaError], int]] = [
+    (errors.NotFound, 404),
+    (errors.Unauthorised, 401),
+    (errors.Forbidden, 403),
+    (errors.Conflict, 409),
+    (errors.InvalidInput, 400),
+    (errors.PolicyError, 400),
+    (errors.NotInitialised, 503),
+    (errors.HsmError, 503),
+    (errors.ConfigError, 500),
+]
+
+
+class ApiError(errors.HsmcaError):
+    """An HTTP-level refusal raised by a view (bad JSON, wrong field type)."""
+
+    def __init__(self, status: int, detail: str, kind: str = "invalid-request") -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response:
+    """A problem+json response; ``type`` is ``urn:hsmca:problem:<kind>``."""
+    body = {
+        "type": f"urn:hsmca:problem:{kind}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+    request_id = getattr(g, "request_id", None)
+    if request_id:
+        body["request_id"] = request_id
+    resp = Response(json.dumps(body), status=status, mimetype=PROBLEM_TYPE)
+    for key, value in (headers or {}).items():
+        resp.headers[key] = value
+    return resp
+
+
+def status_for(exc: errors.HsmcaError) -> int:
+    if isinstance(exc, ApiError):
+        return exc.status
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def register(app: Flask) -> None:
+    """Install handlers so that no error leaves as HTML or a stack trace."""
+
+    @app.errorhandler(errors.HsmcaError)
+    def _core(exc: errors.HsmcaError) -> Response:
+        status = status_for(exc)
+        headers = {"WWW-Authenticate": 'Bearer realm="hsmca"'} if status == 401 else None
+        title = _TITLES.get(status, "Error")
+        if status >= 500:
+            log.error("request failed: %s", exc, extra={"kind": exc.kind})
+        return problem(status, title, str(exc), exc.kind, headers)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        detail = exc.description or exc.name
+        if status == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            detail = f"request body larger than {limit} bytes"
+        headers = {}
+        if status == 405 and exc.response is None:
+            allowed = getattr(exc, "valid_methods", None)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+        return problem(status, exc.name, detail, exc.name.lower().replace(" ", "-"), headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return problem(500, "Internal Server Error", "an unexpected error occurred", "internal")
+
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}

@@ -1,0 +1,39 @@
+"""Unauthenticated documents: issuer certificates, CRLs, health and metrics."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from ca_service import metrics
+from ca_service.context import core
+
+public = Blueprint("public", __name__)
+
+
+@public.get("/ca/<issuer_id>.der")
+def issuer_certificate(issuer_id: str) -> Response:
+    der = core().issuer_der(issuer_id)
+    resp = Response(der, mimetype="application/pkix-cert")
+    resp.headers["Cache-Control"] = "public, max-age=3600"
+    return resp
+
+
+@public.get("/crl/<issuer_id>.crl")
+def crl(issuer_id: str) -> Response:
+    der = core().current_crl(issuer_id)
+    resp = Response(der, mimetype="application/pkix-crl")
+    resp.headers["Cache-Control"] = "public, max-age=60"
+    return resp
+
+
+@public.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    checks = core().health()
+    ok = all(v == "ok" for v in checks.values())
+    return jsonify({"status": "ok" if ok else "degraded", **checks}), 200 if ok else 503
+
+
+@public.get("/metrics")
+def prometheus() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, content_type=content_type)

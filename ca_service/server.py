@@ -1,0 +1,246 @@
+"""``hsmca serve``: one supervisor, two gunicorn arbiters.
+
+gunicorn applies TLS to every socket of an arbiter, so the HTTPS listener (REST API,
+ACME, EST; client certificates requested but optional) and the plain-HTTP listener
+(OCSP, CRLs, CA certificates) run as two arbiters, each a child process of the
+supervisor. Workers are forked by gunicorn and build the app themselves
+(``preload_app`` off), so each opens its own database pool and PKCS#11 session.
+SIGTERM or SIGINT to the supervisor stops both gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from pki.config import Settings, load_settings
+
+GRACEFUL_SECONDS = 10
+THREADS_PER_WORKER = 4
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    """gunicorn with options from code and the hsmca app factory."""
+
+    def __init__(self, home: Path, listener: str, options: dict[str, Any]) -> None:
+        self.home = home
+        self.listener = listener
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from ca_service import create_app
+
+        return create_app(self.home, self.listener)
+
+
+_contexts: dict[tuple[int, float], ssl.SSLContext] = {}
+
+
+def cached_ssl_context(conf: Any, factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """One SSLContext per worker process, rebuilt when the certificate file changes
+    (gunicorn would otherwise build one per connection)."""
+    key = (os.getpid(), os.stat(conf.certfile).st_mtime)
+    context = _contexts.get(key)
+    if context is None:
+        _contexts.clear()
+        context = factory()
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        _contexts[key] = context
+    return context
+
+
+def gunicorn_options(
+    settings: Settings, listener: str, host: str, port: int, workers: int
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": THREADS_PER_WORKER,
+        "graceful_timeout": GRACEFUL_SECONDS,
+        "timeout": 60,
+        "keepalive": 15,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "warning",
+        "proc_name": f"hsmca-{listener}",
+        "limit_request_line": 8190,
+        "limit_request_fields": 100,
+        "control_socket_disable": True,
+    }
+    if listener == "https":
+        home = settings.home
+        options.update(
+            certfile=str(settings.tls_dir / "server.pem"),
+            keyfile=str(settings.tls_dir / "server.key"),
+            ca_certs=str(home / "ca" / "chain.pem"),
+            cert_reqs=ssl.CERT_OPTIONAL,
+            ssl_context=cached_ssl_context,
+        )
+    return options
+
+
+def run_listener(home: Path, listener: str, host: str, port: int, workers: int) -> None:
+    """Run one gunicorn arbiter in this process (the supervisor's child)."""
+    settings = load_settings(home)
+    options = gunicorn_options(settings, listener, host, port, workers)
+    _Gunicorn(home, listener, options).run()
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    home: Path
+    host: str
+    https_port: int
+    http_port: int
+    workers: int
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(
+                f"error: cannot listen on {host}:{port} for {what}: {exc.strerror} "
+                f"(choose another with --{what}-port)"
+            ) from None
+
+
+def prepare(home: Path) -> Settings:
+    """Migrate the database and reconcile interrupted issuance before serving."""
+    from pki.service import Pki
+
+    pki = Pki.open(home)
+    try:
+        pki.reconcile_pending()
+        pki.hsm.open()
+    finally:
+        pki.close()
+    return pki.settings
+
+
+def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
+    """Run both listeners until SIGTERM/SIGINT; return the exit code."""
+    settings = prepare(opts.home)
+    _check_port_free(opts.host, opts.https_port, "https")
+    _check_port_free(opts.host, opts.http_port, "http")
+    metrics_dir = opts.home / "run" / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    children = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ca_service.server",
+                "--home",
+                str(opts.home),
+                "--listener",
+                name,
+                "--host",
+                opts.host,
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+        )
+        for name, port, workers in (
+            ("https", opts.https_port, opts.workers),
+            ("http", opts.http_port, max(1, opts.workers // 2)),
+        )
+    }
+    stopping = False
+
+    def _stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    _announce(settings, opts, announce)
+    code = 0
+    while not stopping:
+        exited = {n: c.poll() for n, c in children.items() if c.poll() is not None}
+        if exited:
+            announce(f"listener(s) stopped unexpectedly: {exited}; shutting down")
+            code = 1
+            break
+        with contextlib.suppress(InterruptedError):
+            signal.sigtimedwait([signal.SIGCHLD], 0.5)
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACEFUL_SECONDS + 5
+    for child in children.values():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    announce("hsmca stopped")
+    return code
+
+
+def _announce(settings: Settings, opts: ServeOptions, announce: Callable[[str], None]) -> None:
+    https = f"https://{_url_host(opts.host)}:{opts.https_port}"
+    http = f"http://{_url_host(opts.host)}:{opts.http_port}"
+    announce(
+        "\n".join(
+            [
+                f"hsmca is serving from {opts.home}",
+                f"  REST API        {https}/api/v1/",
+                f"  ACME directory  {https}/acme/directory",
+                f"  EST             {https}/.well-known/est/",
+                f"  OCSP / CRL / CA {http}/ocsp  {http}/crl/<issuer-id>.crl",
+                f"  health, metrics {https}/healthz  {https}/metrics",
+                f"  root certificate: {opts.home / 'ca' / 'root.pem'}",
+                f"  admin token:      hsmca --home {opts.home} token create --role admin",
+                f"  try:  curl --cacert {opts.home / 'ca' / 'root.pem'} {https}/healthz",
+                "Stop with Ctrl-C (SIGINT) or SIGTERM.",
+            ]
+        ),
+    )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one hsmca listener (started by hsmca serve)")
+    parser.add_argument("--home", required=True, type=Path)
+    parser.add_argument("--listener", choices=("https", "http"), required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", required=True, type=int)
+    parser.add_argument("--workers", required=True, type=int)
+    args = parser.parse_args(argv)
+    run_listener(args.home, args.listener, args.host, args.port, args.workers)
+
+
+if __name__ == "__main__":
+    main()
