@@ -26,6 +26,7 @@ def token() -> None:
 )
 @click.option("--profiles", "profiles", multiple=True, help="Profile it may use (repeatable).")
 @click.option("--ttl", help="Token lifetime, e.g. 30d (default: no expiry).")
+@click.option("--max-ttl", help="Longest certificate lifetime this token may request.")
 @click.option("--single-use", is_flag=True, help="The token works for one issuance only.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_home
@@ -37,6 +38,7 @@ def token_create(
     allowed_names: tuple[str, ...],
     profiles: tuple[str, ...],
     ttl: str | None,
+    max_ttl: str | None,
     single_use: bool,
     as_json: bool,
 ) -> None:
@@ -44,7 +46,14 @@ def token_create(
     names = tuple(p for value in allowed_names for p in value.replace(",", " ").split())
     profs = tuple(p for value in profiles for p in value.replace(",", " ").split())
     created = obj.pki.create_token(
-        role, name, operator(), names, profs, parse_duration(ttl) if ttl else None, single_use
+        role,
+        name,
+        operator(),
+        names,
+        profs,
+        parse_duration(ttl) if ttl else None,
+        single_use,
+        parse_duration(max_ttl) if max_ttl else None,
     )
     data = {
         "token": created.secret,

@@ -8,7 +8,8 @@ import re
 from pki.errors import BadDuration
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_PART = re.compile(r"(\d+)([smhdw])")
+MAX_SECONDS = 100 * 366 * 86400  # anything longer cannot be added to a date safely
+_PART = re.compile(r"([0-9]+)([smhdw])")  # ASCII digits only
 
 
 def parse_duration(text: str | int) -> dt.timedelta:
@@ -22,7 +23,7 @@ def parse_duration(text: str | int) -> dt.timedelta:
         seconds = text
     else:
         s = text.strip().lower()
-        if s.isdigit():
+        if s.isascii() and s.isdigit():
             seconds = int(s)
         else:
             pos, seconds = 0, 0
@@ -35,7 +36,12 @@ def parse_duration(text: str | int) -> dt.timedelta:
                 raise BadDuration(f"not a duration: {text!r} (write it like 90s, 15m, 24h or 7d)")
     if seconds <= 0:
         raise BadDuration(f"duration must be positive: {text!r}")
-    return dt.timedelta(seconds=seconds)
+    if seconds > MAX_SECONDS:
+        raise BadDuration(f"duration too long: {text!r} (at most 100 years)")
+    try:
+        return dt.timedelta(seconds=seconds)
+    except OverflowError:
+        raise BadDuration(f"duration too long: {text!r}") from None
 
 
 def format_duration(delta: dt.timedelta) -> str:

@@ -118,3 +118,107 @@ def make_csr() -> CsrFactory:
         return build_csr(**kwargs)[0]  # type: ignore[arg-type]
 
     return make
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningService:
+    """A real ``hsmca serve`` on loopback ports, with an admin token."""
+
+    def __init__(self, home: Path, workers: int = 1) -> None:
+        import subprocess
+
+        self.home = home
+        self.root = home / "ca" / "root.pem"
+        self.https_port = free_port()
+        self.http_port = free_port()
+        self.base = f"https://127.0.0.1:{self.https_port}"
+        self.http_base = f"http://127.0.0.1:{self.http_port}"
+        self.log = home / f"serve-{self.https_port}.log"
+        self._log_file = self.log.open("wb")
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "hsmca"),
+                "--home",
+                str(home),
+                "serve",
+                "--https-port",
+                str(self.https_port),
+                "--http-port",
+                str(self.http_port),
+                "--workers",
+                str(workers),
+            ],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        core = Pki.open(home)
+        try:
+            from pki.actors import operator
+
+            self.admin_token = core.create_token("admin", None, operator("tests")).secret
+        finally:
+            core.close()
+        self.wait_ready()
+
+    def session(self, token: str | None = None) -> object:
+        """A requests.Session trusting our root, ignoring the machine's CA bundle vars."""
+        import requests
+
+        s = requests.Session()
+        s.trust_env = False
+        s.verify = str(self.root)
+        if token:
+            s.headers["Authorization"] = f"Bearer {token}"
+        return s
+
+    def wait_ready(self, deadline_s: float = 30.0) -> None:
+        import time
+
+        import requests
+
+        s = self.session()
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"hsmca serve exited: {self.log.read_text()[-2000:]}")
+            try:
+                if (
+                    s.get(f"{self.base}/healthz", timeout=2).status_code == 200
+                    and s.get(f"{self.http_base}/healthz", timeout=2).status_code == 200
+                ):
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)  # polling interval, bounded by the deadline
+        raise RuntimeError(f"hsmca serve not ready: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> int:
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._log_file.close()
+        return code
+
+
+@pytest.fixture(scope="session")
+def service(ca_home: Path) -> Iterator[RunningService]:
+    """The real service on ``ca_home`` (one per xdist worker), stopped cleanly at the end."""
+    running = RunningService(ca_home)
+    yield running
+    assert running.stop() == 0, running.log.read_text()[-2000:]

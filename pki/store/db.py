@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, bindparam, create_engine, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -61,8 +59,11 @@ class _Compiled:
         compiled = stmt.compile(dialect=dialect, column_keys=columns)
         self.sql = compiled.string
         self.order = list(compiled.positiontup or []) if compiled.positional else None
+        # the dialect's own implementation of each type: generic JSON has no processor
+        # for psycopg (a dict reached the driver unadapted), generic DateTime none for SQLite
         self.processors = {
-            name: bind.type.bind_processor(dialect) for name, bind in compiled.binds.items()
+            name: bind.type.dialect_impl(dialect).bind_processor(dialect)
+            for name, bind in compiled.binds.items()
         }
         self.constants = {
             name: bind.value for name, bind in compiled.binds.items() if bind.value is not None
@@ -107,9 +108,7 @@ class _FastStatements:
         self.complete_certificate = _Compiled(_COMPLETE_CERTIFICATE, dialect)
         self.insert_audit = _Compiled(_INSERT_AUDIT, dialect, [c.name for c in _AUDIT.columns])
         self.last_audit = _Compiled(_LAST_AUDIT, dialect)
-        self.pg_lock = (
-            _Compiled(_PG_AUDIT_LOCK, dialect) if dialect.name == "postgresql" else None
-        )
+        self.pg_lock = _Compiled(_PG_AUDIT_LOCK, dialect) if dialect.name == "postgresql" else None
 
 
 def _sqlite_engine(url: str, immediate: bool) -> Engine:
@@ -165,6 +164,9 @@ class Store:
 
     def upgrade(self) -> None:
         """Apply every Alembic migration not yet applied (idempotent)."""
+        from alembic import command  # imported here: costs ~1 s, needed only at start
+        from alembic.config import Config
+
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
@@ -315,14 +317,21 @@ class Store:
             with self._raw_tx() as cursor:
                 self._fast.insert_certificate.run(cursor, row)
         except self.engine.dialect.loaded_dbapi.IntegrityError:
+            # Only a taken serial is a Conflict (the caller retries with another); any
+            # other violation (unknown issuer, missing value) is a bug and propagates.
+            if not self._serial_exists(values["serial"]):
+                raise
             raise Conflict(f"serial {values['serial']} already exists") from None
+
+    def _serial_exists(self, serial: str) -> bool:
+        with self._ro() as s:
+            found = s.execute(select(Certificate.id).where(Certificate.serial == serial))
+            return found.first() is not None
 
     def complete_issuance(self, serial: str, der: bytes, record: AuditRecord) -> None:
         """Store the signed DER, mark the row ``good`` and audit, in one transaction."""
         with self._raw_tx() as cursor:
-            done = self._fast.complete_certificate.run(
-                cursor, {"p_serial": serial, "p_der": der}
-            )
+            done = self._fast.complete_certificate.run(cursor, {"p_serial": serial, "p_der": der})
             if done.rowcount != 1:
                 raise Conflict(f"certificate {serial} is no longer pending")
             self._append_audit_raw(cursor, record)
@@ -446,8 +455,16 @@ def _encode_cursor(row_id: int) -> str:
     return base64.urlsafe_b64encode(str(row_id).encode()).decode().rstrip("=")
 
 
+_MAX_ROW_ID = 2**63 - 1  # the largest id both databases can compare a column with
+
+
 def _decode_cursor(cursor: str) -> int:
+    """The row id a cursor continues after; InvalidInput for anything we did not hand out
+    (an id too large for the database would otherwise escape as OverflowError)."""
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (ValueError, UnicodeDecodeError):
-        raise InvalidInput(f"invalid cursor {cursor!r}") from None
+        text = ""
+    if not (text.isascii() and text.isdigit()) or int(text) > _MAX_ROW_ID:
+        raise InvalidInput(f"invalid cursor {cursor!r}")
+    return int(text)
