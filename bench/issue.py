@@ -7,8 +7,9 @@ Both run in this process, against one SoftHSM2 token in a temporary home:
 * hsmca: ``Pki.issue`` — policy, record-before-sign in SQLite (WAL), HSM signature,
   signed DER stored, audit event appended, record returned.
 
-Prints certificates/s for each and their ratio (goal: >= 0.5). Bounded by --count and
---seconds; the two phases alternate in rounds of 100 so both see the same load. Reference: django-ca issued 341 certs/s in-process with a SoftHSM2 key here.
+Prints certificates/s for each and their ratio (goal: >= 0.5). Bounded by --count
+and --seconds; the two phases alternate in rounds of 100 so both see the same load.
+Reference: django-ca issued 341 certs/s in-process with a SoftHSM2 key here.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from gunicorn.app.base import BaseApplication
 from pki.config import Settings, load_settings
 
 GRACEFUL_SECONDS = 10
+PR_SET_PDEATHSIG = 1
 THREADS_PER_WORKER = 4
 
 
@@ -141,8 +143,25 @@ def prepare(home: Path) -> Settings:
     return pki.settings
 
 
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when the supervisor dies, however it dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
 def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
     """Run both listeners until SIGTERM/SIGINT; return the exit code."""
+    stopping = False
+
+    def _stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     settings = prepare(opts.home)
     _check_port_free(opts.host, opts.https_port, "https")
     _check_port_free(opts.host, opts.http_port, "http")
@@ -168,20 +187,13 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
                 str(workers),
             ],
             env=env,
+            preexec_fn=_die_with_parent,
         )
         for name, port, workers in (
             ("https", opts.https_port, opts.workers),
             ("http", opts.http_port, max(1, opts.workers // 2)),
         )
     }
-    stopping = False
-
-    def _stop(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     _announce(settings, opts, announce)
     code = 0
     while not stopping:
