@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Request
+from flask import Request, current_app
 
 from ca_service.problems import ApiError
 
@@ -23,6 +23,15 @@ def json_body(
 ) -> dict[str, Any]:
     """Parse the request body as a JSON object with exactly ``fields``."""
     raw = request.get_data(cache=True)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    # werkzeug stops a body without Content-Length at the limit instead of refusing it
+    if (
+        limit
+        and request.content_length is None
+        and len(raw) >= limit
+        and request.environ["wsgi.input"].read(1)
+    ):
+        raise ApiError(413, f"request body larger than {limit} bytes", "content-too-large")
     if not raw.strip():
         if optional:
             return {}

@@ -111,7 +111,8 @@ def load_csr(data: str | bytes) -> x509.CertificateSigningRequest:
 
 def normalise_dns(name: str) -> str:
     """Lower-case and check an LDH DNS name; a wildcard only as the whole leftmost label."""
-    n = name.strip().lower().rstrip(".")
+    n = name.strip().lower()
+    n = n.removesuffix(".")  # one trailing dot (the root label) only: "a.b.." is invalid
     if not n or len(n) > 253:
         raise BadCsr(f"invalid DNS name {name!r}")
     labels = n.split(".")
@@ -122,7 +123,7 @@ def normalise_dns(name: str) -> str:
             label.encode("ascii")
         except UnicodeEncodeError:
             raise BadCsr(f"invalid DNS name {name!r}: use the A-label (punycode) form") from None
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):  # fullmatch: "$" would accept a trailing newline
             raise BadCsr(f"invalid DNS name {name!r}")
     if labels[-1].isdigit():
         raise BadCsr(f"invalid DNS name {name!r}: the last label is numeric")
@@ -220,9 +221,10 @@ class NamePolicy:
         self.patterns = tuple(p.strip().lower() for p in patterns if p.strip())
         self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for p in self.patterns:
-            if "/" in p:
-                with contextlib.suppress(ValueError):
-                    self._nets.append(ipaddress.ip_network(p, strict=False))
+            # CIDR blocks and single addresses (as /32 or /128, so that "2001:0db8::1"
+            # matches the canonical "2001:db8::1"); DNS patterns raise ValueError
+            with contextlib.suppress(ValueError):
+                self._nets.append(ipaddress.ip_network(p, strict=False))
 
     def allows_dns(self, name: str) -> bool:
         n = name.lower()

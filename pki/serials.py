@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from pki.errors import InvalidInput
 
 SERIAL_BITS = 159  # 20 octets with the sign bit clear: RFC 5280's maximum, positive
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 def new_serial() -> int:
@@ -28,6 +30,8 @@ def parse_serial(text: str) -> str:
     cleaned = text.strip().lower().replace(":", "")
     cleaned = cleaned.removeprefix("0x")
     try:
+        if not _HEX.fullmatch(cleaned):  # int() alone takes "1_f", "+1f", "0x0x1f"
+            raise ValueError(cleaned)
         value = int(cleaned, 16)
     except ValueError:
         raise InvalidInput(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,9 @@ from pki.signer import (
     end_entity_subject,
 )
 from pki.store import CertificateQuery, Issuer, Store
+
+#: device ids must fit a subject serialNumber (PrintableString) and a URN unescaped
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -169,14 +173,13 @@ class Pki(AccessMixin):
     def issue(self, request: IssueRequest, actor: Actor) -> CertificateRecord:
         """Issue from a CSR after policy checks; the row is committed before the HSM signs."""
         try:
+            profile = self.profiles.get(request.profile)
             parsed = parse_csr(request.csr, self.settings.policy)
         except PolicyError as exc:
             self._refused(actor, "certificate.issue", None, str(exc))
             raise
         device_id = request.device_id or (
-            parsed.subject_serial or parsed.common_name
-            if self.profiles.get(request.profile).device
-            else None
+            parsed.subject_serial or parsed.common_name if profile.device else None
         )
         return self.issue_for_key(
             parsed.public_key,
@@ -206,6 +209,9 @@ class Pki(AccessMixin):
             names = self._names_for(profile, names, device_id)
             self._authorise_issue(actor, profile, names)
             lifetime = resolve_ttl(profile, ttl, actor.max_ttl)
+            subject = end_entity_subject(
+                names, common_name, device_id if profile.device else None
+            )
         except (PolicyError, Forbidden) as exc:
             self._refused(actor, action, None, str(exc))
             raise
@@ -221,7 +227,6 @@ class Pki(AccessMixin):
         not_after = min(now + lifetime, issuer.certificate.not_valid_after_utc)
         if not_after <= now:
             raise PolicyError("the issuing CA expires before this certificate would start")
-        subject = end_entity_subject(names, common_name, device_id if profile.device else None)
         spki = spki_der(public_key)
         serial = self._reserve_serial(
             {
@@ -290,8 +295,11 @@ class Pki(AccessMixin):
             raise PolicyError(
                 "the device profile needs a device id (CSR subject serialNumber or CN)"
             )
-        if len(device_id) > 64 or not device_id.isprintable() or "/" in device_id:
-            raise PolicyError(f"invalid device id {device_id!r}")
+        if not DEVICE_ID.match(device_id):
+            raise PolicyError(
+                f"invalid device id {device_id!r}: it becomes the subject serialNumber and a "
+                "URI, so use 1-64 characters of A-Z a-z 0-9 . : -"
+            )
         uri = self.settings.ca.device_uri_template.format(device_id=device_id)
         dns = tuple(n for n in names.dns if n != device_id.lower())
         uris = tuple(dict.fromkeys((uri, *names.uris)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -21,6 +22,9 @@ from pki.errors import PolicyError
 from pki.hsm_keys import HsmPrivateKey
 from pki.policy import RequestedNames
 from pki.profiles import Profile
+
+#: X.520 serialNumber is a PrintableString: only these characters can be encoded
+_PRINTABLE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]+")
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,12 @@ def end_entity_subject(
 ) -> x509.Name:
     """CN from the request when it is one of the names (or the device id), else the first
     DNS/IP name; serialNumber for devices. Empty when nothing fits in 64 characters."""
+    if device_id and not _PRINTABLE.fullmatch(device_id):
+        # checked here, before a serial is reserved: encoding it later fails mid-issuance
+        raise PolicyError(
+            f"device id {device_id!r} cannot be a subject serialNumber (PrintableString: "
+            "letters, digits, space and ' ( ) + , - . / : = ? only)"
+        )
     attrs: list[x509.NameAttribute] = []
     candidates = names.dns + names.ips
     cn = None
