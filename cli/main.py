@@ -32,6 +32,9 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.UsageError(str(exc)) from None
         except errors.HsmcaError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a file we were told to read or write: no traceback
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
     return wrapper
 

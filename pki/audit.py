@@ -30,9 +30,21 @@ class AuditRecord:
     details: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        leaked = _SECRET_KEYS & set(self.details)
+        leaked = sorted(_secret_keys_in(self.details))
         if leaked:
-            raise ValueError(f"audit details must not carry secrets: {sorted(leaked)}")
+            raise ValueError(f"audit details must not carry secrets: {leaked}")
+
+
+def _secret_keys_in(value: Any) -> set[str]:
+    """Secret-named keys anywhere in ``value`` (nested dicts and lists included)."""
+    if isinstance(value, dict):
+        found = _SECRET_KEYS & set(value)
+        for item in value.values():
+            found |= _secret_keys_in(item)
+        return found
+    if isinstance(value, list | tuple):
+        return set().union(*(_secret_keys_in(item) for item in value))
+    return set()
 
 
 @dataclass(frozen=True)

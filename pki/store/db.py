@@ -379,8 +379,12 @@ class Store:
 
     def revoke(self, serial: str, reason: str, at: dt.datetime, record: AuditRecord) -> Certificate:
         """Mark a good or pending certificate revoked and audit; Conflict if already revoked."""
+        # FOR UPDATE: on PostgreSQL two concurrent revocations both saw "good" and both
+        # wrote (second revocation time and reason, two audit events); SQLite ignores it
+        # (BEGIN IMMEDIATE already serialises writers)
+        stmt = select(Certificate).where(Certificate.serial == serial).with_for_update()
         with self._tx() as s:
-            cert = s.execute(select(Certificate).where(Certificate.serial == serial)).scalar()
+            cert = s.execute(stmt).scalar()
             if cert is None:
                 raise NotFound(f"no certificate with serial {serial}")
             if cert.status == "revoked":
