@@ -6,7 +6,9 @@ single-threaded (SoftHSM2 then turns its locks off; concurrent calls crashed it)
 * every PKCS#11 call in the process goes through one process-wide lock;
 * the module is (re)initialised lazily in each process, after fork, never inherited;
 * the session is opened and logged in once and reused; key handles are cached;
-* a lost session is reopened once, then the error is raised as :class:`HsmSessionLost`.
+* a lost session is reopened once, then the error is raised as :class:`HsmSessionLost`;
+* several Hsm objects on one token share the process's login (PKCS#11 logins are per
+  application): closing one never logs the others out.
 
 Private keys are generated inside the token (CKA_SENSITIVE, not CKA_EXTRACTABLE) and are
 used only through :meth:`Hsm.sign`; :mod:`pki.hsm_keys` wraps them as cryptography keys.
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,7 +32,7 @@ import pkcs11
 import pkcs11.exceptions as p11e
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass, UserType
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from pki.errors import (
@@ -44,6 +48,13 @@ T = TypeVar("T")
 
 #: PKCS#11 calls of this process never overlap (see module docstring).
 PKCS11_LOCK = threading.RLock()
+# Fork only between PKCS#11 calls: a child forked while another thread held the lock
+# inherited it locked and deadlocked at its first signature.
+os.register_at_fork(
+    before=PKCS11_LOCK.acquire,
+    after_in_parent=PKCS11_LOCK.release,
+    after_in_child=PKCS11_LOCK.release,
+)
 
 KEY_SPECS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 _CURVES = {"ec-p256": ("secp256r1", ec.SECP256R1()), "ec-p384": ("secp384r1", ec.SECP384R1())}
@@ -73,6 +84,15 @@ class _ModuleState:
 _modules: dict[str, _ModuleState] = {}
 _generation = 0
 
+_HolderKey = tuple[str, str, int]  # module path, token label, module generation
+#: Hsm objects of this process holding a session on each token. PKCS#11 logins are per
+#: application, so they all share one login and closing a logged-in session (C_Logout)
+#: would log the others out; such a session is parked until the last holder closes.
+_holders: dict[_HolderKey, weakref.WeakSet[Hsm]] = {}
+_parked: dict[_HolderKey, list[Any]] = {}
+#: SHA-256 of the PIN that logged in, so a later Hsm joining the login is still checked
+_pin_digests: dict[_HolderKey, bytes] = {}
+
 
 def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
     """Load (or re-initialise after fork / config change) the module; lock held."""
@@ -93,6 +113,11 @@ def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
     except p11e.PKCS11Error as exc:
         raise HsmModuleNotFound(f"cannot load PKCS#11 module {path}: {exc}") from None
     _generation += 1
+    for stale in [k for k in (*_holders, *_parked, *_pin_digests) if k[0] == path]:
+        # C_Finalize ended every session and login of the previous generation
+        _holders.pop(stale, None)
+        _parked.pop(stale, None)
+        _pin_digests.pop(stale, None)
     state = _ModuleState(lib=lib, pid=pid, softhsm2_conf=softhsm2_conf, generation=_generation)
     _modules[path] = state
     return state
@@ -117,6 +142,7 @@ class Hsm:
         self._session: Any = None
         self._generation = -1
         self._pid = -1
+        self._holder: _HolderKey = (module, token_label, -1)
         self._keys: dict[str, Any] = {}
         self._public: dict[str, Any] = {}
         #: observers of each signature's duration in seconds (metrics hook)
@@ -132,8 +158,7 @@ class Hsm:
             and self._generation == state.generation
         ):
             return self._session
-        self._session = None
-        self._keys.clear()
+        self._forget_locked()
         try:
             token = state.lib.get_token(token_label=self.token_label)
         except p11e.NoSuchToken:
@@ -144,21 +169,49 @@ class Hsm:
             raise HsmTokenNotFound(
                 f"several tokens labelled {self.token_label!r}; labels must be unique"
             ) from None
+        except p11e.PKCS11Error as exc:
+            # e.g. GeneralError when the token's files were deleted under the module
+            raise HsmTokenNotFound(
+                f"token {self.token_label!r} in {self.module} is not available: {exc!r}"
+            ) from None
+        self._holder = (self.module, self.token_label, state.generation)
         self._session = self._login(token)
         self._pid = os.getpid()
         self._generation = state.generation
+        _holders.setdefault(self._holder, weakref.WeakSet()).add(self)
         return self._session
+
+    def _forget_locked(self) -> Any:
+        """Drop (without closing) this object's session and key handles; return it."""
+        session, self._session = self._session, None
+        self._keys.clear()
+        holders = _holders.get(self._holder)
+        if holders is not None:
+            holders.discard(self)
+        return session
 
     def _login(self, token: Any) -> Any:
         """Open and log in, retrying the spurious errors of simultaneous first logins."""
         delay = 0.02
         for attempt in range(self._login_attempts):
+            pin = self._pin()
+            digest = hashlib.sha256(pin.encode()).digest()
             try:
-                return token.open(rw=True, user_pin=self._pin())
+                session = token.open(rw=True, user_pin=pin)
+                _pin_digests[self._holder] = digest
+                return session
             except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
                 raise HsmWrongPin(f"wrong PIN for token {self.token_label!r}") from None
             except p11e.PinLocked:
                 raise HsmWrongPin(f"the PIN of token {self.token_label!r} is locked") from None
+            except p11e.UserAlreadyLoggedIn:
+                # another Hsm of this process is logged in to the token: PKCS#11 logins are
+                # per application, so a new session shares it without logging in again
+                # (SoftHSM2 answers so before checking the PIN: check it here)
+                known = _pin_digests.get(self._holder)
+                if known is not None and not hmac.compare_digest(known, digest):
+                    raise HsmWrongPin(f"wrong PIN for token {self.token_label!r}") from None
+                return token.open(rw=True)
             except (p11e.GeneralError, p11e.DeviceError, p11e.FunctionFailed) as exc:
                 if attempt == self._login_attempts - 1:
                     raise HsmError(
@@ -166,6 +219,8 @@ class Hsm:
                     ) from None
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 0.5)
+            except p11e.PKCS11Error as exc:
+                raise HsmError(f"cannot log in to token {self.token_label!r}: {exc!r}") from None
         raise AssertionError("unreachable")
 
     def _call(self, fn: Callable[[Any], T]) -> T:
@@ -175,13 +230,12 @@ class Hsm:
             try:
                 return fn(session)
             except _LOST:
-                self._session = None
-                self._keys.clear()
+                self._forget_locked()
             session = self._session_locked()
             try:
                 return fn(session)
             except _LOST as exc:
-                self._session = None
+                self._forget_locked()
                 raise HsmSessionLost(
                     f"PKCS#11 session to {self.token_label!r} lost twice: {exc!r}"
                 ) from None
@@ -193,18 +247,36 @@ class Hsm:
     def close(self) -> None:
         """Close this object's session (the module stays initialised)."""
         with PKCS11_LOCK:
-            if self._session is not None and self._pid == os.getpid():
+            session = self._forget_locked()
+            state = _modules.get(self.module)
+            if (
+                session is None
+                or self._pid != os.getpid()
+                or state is None
+                or state.generation != self._generation
+            ):
+                # none, the parent's, or ended by a re-initialisation (its handle number
+                # may now belong to another live session: closing it would close that one)
+                return
+            if _holders.get(self._holder):
+                if session.user_type == UserType.USER:
+                    _parked.setdefault(self._holder, []).append(session)
+                    return
+                closing = [session]
+            else:
+                closing = [session, *_parked.pop(self._holder, [])]
+                _pin_digests.pop(self._holder, None)
+            for each in closing:
                 with contextlib.suppress(p11e.PKCS11Error):
-                    self._session.close()
-            self._session = None
-            self._keys.clear()
+                    each.close()
 
     # -- keys ------------------------------------------------------------------------------
 
     def generate_key(self, label: str, spec: str) -> Any:
         """Generate a token key pair labelled ``label``; return its cryptography public key.
 
-        The private key is CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE and not CKA_EXTRACTABLE.
+        The private key is CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, not CKA_EXTRACTABLE, and
+        can only sign (no decrypt, derive or unwrap).
         """
         if spec not in KEY_SPECS:
             raise HsmError(f"unknown key type {spec!r}; one of {', '.join(KEY_SPECS)}")
@@ -216,6 +288,8 @@ class Hsm:
             Attribute.EXTRACTABLE: False,
             Attribute.SIGN: True,
             Attribute.DECRYPT: False,
+            Attribute.DERIVE: False,
+            Attribute.UNWRAP: False,
         }
         public_template = {Attribute.TOKEN: True, Attribute.VERIFY: True}
 

@@ -113,6 +113,11 @@ class HsmRsaPrivateKey(rsa.RSAPrivateKey):
             return self.hsm.sign(self.label, data, _RSA_PKCS[name])
         if isinstance(padding_, padding.PSS) and name in _RSA_PSS:
             mech, hash_mech, mgf = _RSA_PSS[name]
+            mgf_hash = getattr(padding_.mgf, "_algorithm", None)
+            if mgf_hash is None or mgf_hash.name != name:
+                # the token's hashed PSS mechanisms use MGF1 with the same hash; signing
+                # anyway would give a signature that fails verification
+                raise HsmError(f"unsupported RSA-PSS: MGF1 must use {name}, like the signature")
             salt = padding_._salt_length
             if salt is padding.PSS.DIGEST_LENGTH or salt is padding.PSS.AUTO:
                 salt = algorithm.digest_size
