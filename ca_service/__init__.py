@@ -42,9 +42,11 @@ def create_app(
     problems.register(app)
     _install_request_metrics(app)
 
+    from ca_service.ocsp_views import ocsp
     from ca_service.public import public
 
     app.register_blueprint(public)
+    app.register_blueprint(ocsp)
     if listener == "https":
         from ca_service.api import api
 

@@ -18,9 +18,9 @@ def issuer_certificate(issuer_id: str) -> Response:
     return resp
 
 
-@public.get("/crl/<issuer_id>.crl")
-def crl(issuer_id: str) -> Response:
-    der = core().current_crl(issuer_id)
+@public.get("/crl/<name>.crl")
+def crl(name: str) -> Response:
+    der = core().crl_document(name)
     resp = Response(der, mimetype="application/pkix-crl")
     resp.headers["Cache-Control"] = "public, max-age=60"
     return resp

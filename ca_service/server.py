@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,6 +145,36 @@ def prepare(home: Path) -> Settings:
     return pki.settings
 
 
+class Publisher(threading.Thread):
+    """Keeps CRLs and pre-signed OCSP responses fresh (every ``interval`` seconds), in
+    the supervisor process with its own PKCS#11 session."""
+
+    def __init__(self, home: Path, interval: float = 1.0) -> None:
+        super().__init__(name="hsmca-publisher", daemon=True)
+        self.home = home
+        self.interval = interval
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        from ca_service.logs import configure_logging
+        from pki.service import Pki
+
+        configure_logging()
+        log = logging.getLogger("hsmca.publisher")
+        pki = Pki.open(self.home, upgrade=False)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    counts = pki.publish_due()
+                    if any(counts.values()):
+                        log.info("published", extra=counts)
+                except Exception:
+                    log.exception("publishing failed; retrying")
+                self.stop_event.wait(self.interval)
+        finally:
+            pki.close()
+
+
 def _die_with_parent() -> None:
     """In a child: get SIGTERM when the supervisor dies, however it dies (Linux)."""
     try:
@@ -194,6 +226,8 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
             ("http", opts.http_port, max(1, opts.workers // 2)),
         )
     }
+    publisher = Publisher(opts.home)
+    publisher.start()
     _announce(settings, opts, announce)
     code = 0
     while not stopping:
@@ -204,6 +238,7 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
             break
         with contextlib.suppress(InterruptedError):
             signal.sigtimedwait([signal.SIGCHLD], 0.5)
+    publisher.stop_event.set()
     for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -214,6 +249,7 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    publisher.join(timeout=GRACEFUL_SECONDS)
     announce("hsmca stopped")
     return code
 

@@ -9,7 +9,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from cli.main import Ctx, emit, fail_cleanly, main, pass_home
+from cli.main import Ctx, check_output_path, emit, fail_cleanly, main, pass_home
 
 
 @main.group()
@@ -60,16 +60,24 @@ def _split_pem(text: str) -> list[str]:
 @pass_home
 @fail_cleanly
 def crl(obj: Ctx, out: str | None, issuer_id: str | None) -> None:
-    """Build and sign a fresh CRL now (PEM to stdout, or DER to --out)."""
+    """Publish fresh CRLs now (every partition, base and delta) and print the complete
+    CRL of the issuer (PEM to stdout, or DER to --out)."""
+    check_output_path("--out", out)
     pki = obj.pki
     issuer = pki.issuing_issuer(issuer_id)
+    bases = pki.publish_base_crls(issuer.id)
+    deltas = pki.publish_delta_crls(issuer.id)
     der = pki.build_crl(issuer.id)
     target = pki.settings.home / "crl" / f"{issuer.id}.crl"
     target.parent.mkdir(exist_ok=True)
     target.write_bytes(der)
+    click.echo(
+        f"published {len(bases)} base and {len(deltas)} delta CRL(s) of {issuer.subject}",
+        err=True,
+    )
     if out:
         Path(out).write_bytes(der)
-        click.echo(f"CRL of {issuer.subject} written to {out}", err=True)
+        click.echo(f"complete CRL written to {out}", err=True)
     else:
         pem = x509.load_der_x509_crl(der).public_bytes(Encoding.PEM).decode()
         click.echo(pem, nl=False)

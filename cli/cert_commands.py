@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cli.main import Ctx, emit, fail_cleanly, main, pass_home
+from cli.main import Ctx, check_output_path, emit, fail_cleanly, main, pass_home
 from pki.actors import operator
 from pki.durations import parse_duration
 from pki.policy import classify_names
@@ -39,17 +39,6 @@ def _csr_for(cn: str, sans: tuple[str, ...], key: ec.EllipticCurvePrivateKey) ->
     )
     builder = builder.add_extension(x509.SubjectAlternativeName(general_names(names)), False)
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def _check_output(option: str, path: str | None) -> None:
-    """Usage error unless ``path`` can be created (its directory exists and is writable)."""
-    if not path:
-        return
-    directory = Path(path).absolute().parent
-    if not directory.is_dir():
-        raise click.UsageError(f"{option}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise click.UsageError(f"{option}: directory {directory} is not writable")
 
 
 def _text(record: CertificateRecord) -> str:
@@ -108,8 +97,8 @@ def issue(
     if bool(csr_file) == bool(cn):
         raise click.UsageError("give either --csr FILE or --cn NAME (with --key-out FILE)")
     # before issuing: a certificate whose key cannot be written is issued for nothing
-    _check_output("--key-out", key_out)
-    _check_output("--cert-out", cert_out)
+    check_output_path("--key-out", key_out)
+    check_output_path("--cert-out", cert_out)
     key = None
     if csr_file:
         if key_out or sans:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -37,6 +39,17 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
     return wrapper
+
+
+def check_output_path(option: str, path: str | None) -> None:
+    """Usage error unless ``path`` can be created (its directory exists and is writable)."""
+    if not path:
+        return
+    directory = Path(path).absolute().parent
+    if not directory.is_dir():
+        raise click.UsageError(f"{option}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise click.UsageError(f"{option}: directory {directory} is not writable")
 
 
 def emit(data: Any, as_json: bool, text: str | None = None) -> None:

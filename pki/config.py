@@ -18,6 +18,7 @@ from pki.durations import parse_duration
 from pki.errors import ConfigError
 
 CONFIG_NAME = "hsmca.toml"
+SECTIONS = ("server", "database", "hsm", "ca", "acme", "policy", "crl", "ocsp", "profiles")
 ENV_PREFIX = "HSMCA_"
 SOFTHSM_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -94,6 +95,19 @@ class AcmeSettings:
 
 
 @dataclass(frozen=True)
+class CrlSettings:
+    shards: int = 1
+    validity: str = "24h"
+    delta_validity: str = "1h"
+    debounce_seconds: int = 2
+
+
+@dataclass(frozen=True)
+class OcspSettings:
+    validity: str = "1h"
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     max_names: int = 100
     allowed_key_types: tuple[str, ...] = ("rsa", "ec-p256", "ec-p384", "ed25519")
@@ -136,6 +150,8 @@ class Settings:
     acme: AcmeSettings
     policy: PolicySettings
     profiles: dict[str, ProfileSettings]
+    crl: CrlSettings = CrlSettings()
+    ocsp: OcspSettings = OcspSettings()
 
     @property
     def secrets_dir(self) -> Path:
@@ -185,6 +201,8 @@ def default_document(home: Path) -> dict[str, Any]:
         "ca": _asdict(CaSettings()),
         "acme": _asdict(AcmeSettings()),
         "policy": _asdict(PolicySettings()),
+        "crl": _asdict(CrlSettings()),
+        "ocsp": _asdict(OcspSettings()),
         "profiles": profiles,
     }
 
@@ -266,10 +284,10 @@ def _section(cls: type, data: dict[str, Any], name: str) -> Any:
 
 
 def _build(home: Path, doc: dict[str, Any]) -> Settings:
-    for section in ("server", "database", "hsm", "ca", "acme", "policy", "profiles"):
+    for section in SECTIONS:
         if not isinstance(doc.get(section), dict):
             raise ConfigError(f"[{section}] must be a table")
-    unknown = set(doc) - {"server", "database", "hsm", "ca", "acme", "policy", "profiles"}
+    unknown = set(doc) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
     profiles: dict[str, ProfileSettings] = {}
@@ -292,6 +310,8 @@ def _build(home: Path, doc: dict[str, Any]) -> Settings:
         acme=_section(AcmeSettings, doc["acme"], "acme"),
         policy=_section(PolicySettings, doc["policy"], "policy"),
         profiles=profiles,
+        crl=_section(CrlSettings, doc["crl"], "crl"),
+        ocsp=_section(OcspSettings, doc["ocsp"], "ocsp"),
     )
 
 

@@ -1,16 +1,24 @@
-"""CRLs (RFC 5280), signed in the HSM.
+"""CRLs (RFC 5280): full, partitioned (sharded) and delta, signed in the HSM.
 
-Revoked entries are handed to the ``CertificateRevocationListBuilder`` constructor in
-one list: ``add_revoked_certificate`` in a loop is quadratic in cryptography.
+A million revoked entries must build in seconds, so entries are DER-encoded here with
+a few byte operations each (cryptography's builder needs one Python object per entry,
+and ``add_revoked_certificate`` in a loop is quadratic); the header and extensions are
+built with asn1crypto, which copies the pre-encoded entry list verbatim. The
+to-be-signed bytes are signed by the issuer's HSM key.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
 
+from asn1crypto import crl as acrl
+from asn1crypto import x509 as ax
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.errors import InvalidInput
 from pki.signer import SigningIssuer, signature_hash
@@ -26,6 +34,17 @@ REASONS: dict[str, x509.ReasonFlags] = {
     "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
     "aACompromise": x509.ReasonFlags.aa_compromise,
 }
+REASON_CODES = {
+    "unspecified": 0,
+    "keyCompromise": 1,
+    "cACompromise": 2,
+    "affiliationChanged": 3,
+    "superseded": 4,
+    "cessationOfOperation": 5,
+    "certificateHold": 6,
+    "privilegeWithdrawn": 9,
+    "aACompromise": 10,
+}
 _BY_LOWER = {name.lower(): name for name in REASONS}
 
 
@@ -39,37 +58,158 @@ def parse_reason(text: str | None) -> str:
     return _BY_LOWER[key]
 
 
-def build_crl(
+# -- DER of the revoked-certificate entries -------------------------------------------------
+
+
+def _len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(body),)) + body
+
+
+def _time(value: dt.datetime) -> bytes:
+    """UTCTime before 2050, GeneralizedTime after (RFC 5280 5.1.2.4)."""
+    value = value.astimezone(dt.UTC)
+    if value.year < 2050:
+        return b"\x17\x0d" + value.strftime("%y%m%d%H%M%SZ").encode()
+    return b"\x18\x0f" + value.strftime("%Y%m%d%H%M%SZ").encode()
+
+
+def _generalized(value: dt.datetime) -> bytes:
+    return b"\x18\x0f" + value.astimezone(dt.UTC).strftime("%Y%m%d%H%M%SZ").encode()
+
+
+_REASON_EXT = {
+    name: bytes.fromhex("300a0603551d1504030a01") + bytes((code,))
+    for name, code in REASON_CODES.items()
+}
+_INVALIDITY_OID = bytes.fromhex("0603551d18")
+
+
+def encode_entry(
+    serial_hex: str, revoked_at: dt.datetime, reason: str | None, invalidity: dt.datetime | None
+) -> bytes:
+    """One ``revokedCertificates`` element: serial, date, reasonCode, invalidityDate."""
+    serial = bytes.fromhex(serial_hex)
+    if serial[0] & 0x80:
+        serial = b"\x00" + serial
+    body = b"\x02" + _len(len(serial)) + serial + _time(revoked_at)
+    exts = b""
+    if reason and reason != "unspecified":
+        exts += _REASON_EXT[reason]
+    if invalidity is not None:
+        value = _generalized(invalidity)
+        octet = b"\x04" + _len(len(value)) + value
+        inner = _INVALIDITY_OID + octet
+        exts += b"\x30" + _len(len(inner)) + inner
+    if exts:
+        body += b"\x30" + _len(len(exts)) + exts
+    return b"\x30" + _len(len(body)) + body
+
+
+# -- the CRL ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrlScope:
+    """What a CRL covers and where it lives."""
+
+    url: str | None = None  # issuingDistributionPoint; None for a complete CRL
+    delta_of: int | None = None  # base CRL number for a delta CRL
+    freshest_url: str | None = None  # where the delta of this base is published
+
+
+def build_crl_der(
     issuer: SigningIssuer,
-    entries: Iterable[tuple[str, dt.datetime, str | None]],
+    entries: Iterable[bytes],
     number: int,
     this_update: dt.datetime,
     next_update: dt.datetime,
-) -> x509.CertificateRevocationList:
-    """A full CRL of ``entries`` (serial hex, revocation time, reason) for ``issuer``."""
-    revoked: list[Any] = []
-    for serial, revoked_at, reason in entries:
-        builder = (
-            x509.RevokedCertificateBuilder()
-            .serial_number(int(serial, 16))
-            .revocation_date(revoked_at)
-        )
-        if reason and reason != "unspecified":
-            builder = builder.add_extension(x509.CRLReason(REASONS[reason]), critical=False)
-        revoked.append(builder.build())
+    scope: CrlScope = CrlScope(),
+) -> bytes:
+    """A signed CRL (DER) listing the pre-encoded ``entries``."""
+    body = b"".join(entries)
+    cert = ax.Certificate.load(issuer.certificate.public_bytes(Encoding.DER))
     ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-    crl = x509.CertificateRevocationListBuilder(
-        issuer_name=issuer.certificate.subject,
-        last_update=this_update,
-        next_update=next_update,
-        extensions=[
-            x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
-            x509.Extension(
-                x509.AuthorityKeyIdentifier.oid,
-                False,
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value),
-            ),
-        ],
-        revoked_certificates=revoked,
+    extensions = [
+        {
+            "extn_id": "authority_key_identifier",
+            "critical": False,
+            "extn_value": {"key_identifier": ski.value.digest},
+        },
+        {"extn_id": "crl_number", "critical": False, "extn_value": number},
+    ]
+    if scope.url is not None:
+        extensions.append(
+            {
+                "extn_id": "issuing_distribution_point",
+                "critical": True,
+                "extn_value": {
+                    "distribution_point": {"full_name": [_uri(scope.url)]},
+                    "only_contains_user_certs": True,
+                },
+            }
+        )
+    if scope.delta_of is not None:
+        extensions.append(
+            {"extn_id": "delta_crl_indicator", "critical": True, "extn_value": scope.delta_of}
+        )
+    if scope.freshest_url is not None:
+        extensions.append(
+            {
+                "extn_id": "freshest_crl",
+                "critical": False,
+                "extn_value": [{"distribution_point": {"full_name": [_uri(scope.freshest_url)]}}],
+            }
+        )
+    key = issuer.key
+    algorithm = _algorithm(key, signature_hash(key))
+    tbs = acrl.TbsCertList(
+        {
+            "version": "v2",
+            "signature": {"algorithm": algorithm},
+            "issuer": cert.subject,
+            "this_update": _asn1_time(this_update),
+            "next_update": _asn1_time(next_update),
+            "crl_extensions": extensions,
+        }
     )
-    return crl.sign(issuer.key, signature_hash(issuer.key))
+    if body:
+        tbs["revoked_certificates"] = acrl.RevokedCertificates.load(
+            b"\x30" + _len(len(body)) + body
+        )
+    tbs_der = tbs.dump()
+    signature = _sign(key, tbs_der)
+    return acrl.CertificateList(
+        {
+            "tbs_cert_list": acrl.TbsCertList.load(tbs_der),
+            "signature_algorithm": {"algorithm": algorithm},
+            "signature": signature,
+        }
+    ).dump()
+
+
+def _uri(url: str) -> ax.GeneralName:
+    return ax.GeneralName(name="uniform_resource_identifier", value=url)
+
+
+def _asn1_time(value: dt.datetime) -> ax.Time:
+    value = value.astimezone(dt.UTC).replace(microsecond=0)
+    if value.year < 2050:
+        return ax.Time(name="utc_time", value=value)
+    return ax.Time(name="general_time", value=value)
+
+
+def _algorithm(key: object, digest: hashes.HashAlgorithm) -> str:
+    kind = "ecdsa" if isinstance(key, ec.EllipticCurvePrivateKey) else "rsa"
+    return f"{digest.name}_{kind}"
+
+
+def _sign(key: object, data: bytes) -> bytes:
+    digest = signature_hash(key)  # type: ignore[arg-type]
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(digest))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), digest)
+    raise TypeError("unsupported CA key")

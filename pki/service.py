@@ -40,8 +40,9 @@ from pki.hsm import Hsm
 from pki.hsm_keys import hsm_private_key
 from pki.policy import RequestedNames, parse_csr, resolve_ttl
 from pki.profiles import Profile, ProfileRegistry
+from pki.publishing import OcspResult, PublishingMixin
 from pki.records import CertificateRecord, pem_of
-from pki.revocation import build_crl, parse_reason
+from pki.revocation import parse_reason
 from pki.serials import new_serial, parse_serial, serial_hex
 from pki.signer import (
     CaUrls,
@@ -72,7 +73,7 @@ def spki_der(public_key: object) -> bytes:
     )
 
 
-class Pki(AccessMixin):
+class Pki(AccessMixin, PublishingMixin):
     """The core of one process: settings, store, HSM and clock, plus the use-cases."""
 
     def __init__(self, settings: Settings, store: Store, hsm: Hsm, clock: Clock) -> None:
@@ -81,10 +82,10 @@ class Pki(AccessMixin):
         self.hsm = hsm
         self.clock = clock
         self.profiles = ProfileRegistry(settings)
-        self.urls = CaUrls(settings.server.public_http_url)
+        self.urls = CaUrls(settings.server.public_http_url, settings.crl.shards)
         self._signers: dict[str, SigningIssuer] = {}
         self._chains: dict[str, str] = {}
-        self._crls: dict[str, tuple[dt.datetime, bytes]] = {}
+        self._publishing_init()
         self._issuers: dict[str, Issuer] | None = None
 
     @classmethod
@@ -125,6 +126,8 @@ class Pki(AccessMixin):
             self._issuers = {i.id: i for i in self.store.issuers()}
             self._signers.clear()
             self._chains.clear()
+            self._responders.clear()
+            self._ocsp_hashes = None
         return self._issuers
 
     def root_issuer(self) -> Issuer:
@@ -209,9 +212,7 @@ class Pki(AccessMixin):
             names = self._names_for(profile, names, device_id)
             self._authorise_issue(actor, profile, names)
             lifetime = resolve_ttl(profile, ttl, actor.max_ttl)
-            subject = end_entity_subject(
-                names, common_name, device_id if profile.device else None
-            )
+            subject = end_entity_subject(names, common_name, device_id if profile.device else None)
         except (PolicyError, Forbidden) as exc:
             self._refused(actor, action, None, str(exc))
             raise
@@ -316,9 +317,12 @@ class Pki(AccessMixin):
 
     def _reserve_serial(self, values: dict[str, object]) -> str:
         for _ in range(5):
-            serial = serial_hex(new_serial())
+            number = new_serial()
+            serial = serial_hex(number)
             try:
-                self.store.insert_pending(dict(values, serial=serial))
+                self.store.insert_pending(
+                    dict(values, serial=serial, crl_shard=self.urls.shard_of(number))
+                )
                 return serial
             except Conflict:
                 continue
@@ -421,8 +425,15 @@ class Pki(AccessMixin):
 
     # -- revocation ------------------------------------------------------------------------
 
-    def revoke(self, serial: str, reason: str | None, actor: Actor) -> CertificateRecord:
-        """Revoke a certificate (admin, or the issuer token that requested it)."""
+    def revoke(
+        self,
+        serial: str,
+        reason: str | None,
+        actor: Actor,
+        invalidity_date: dt.datetime | None = None,
+    ) -> CertificateRecord:
+        """Revoke a certificate (admin, or the issuer token that requested it). Its OCSP
+        responses are re-signed at once; CRLs follow within the debounce interval."""
         canonical = parse_serial(serial)
         reason_name = parse_reason(reason)
         row = self.store.certificate(canonical)
@@ -430,6 +441,8 @@ class Pki(AccessMixin):
             self._refused(actor, "certificate.revoke", canonical, "not allowed")
             raise Forbidden(f"{actor.name} may not revoke {canonical}")
         now = self.clock.now()
+        if invalidity_date is not None and invalidity_date > now:
+            raise InvalidInput("invalidity_date must not be in the future")
         self.store.revoke(
             canonical,
             reason_name,
@@ -440,7 +453,11 @@ class Pki(AccessMixin):
                 subject=canonical,
                 details={"reason": reason_name},
             ),
+            invalidity_date,
         )
+        issuer = self.issuers().get(row.issuer_id)
+        if issuer is not None and issuer.ocsp_serial:
+            self.presign_ocsp(row.issuer_id, [canonical])
         return self.show(canonical)
 
     def reconcile_pending(self, grace: dt.timedelta | None = None) -> list[str]:
@@ -466,32 +483,6 @@ class Pki(AccessMixin):
             except Conflict:
                 continue
         return done
-
-    def current_crl(
-        self, issuer_id: str, max_age: dt.timedelta = dt.timedelta(seconds=30)
-    ) -> bytes:
-        """The CRL to publish for ``issuer_id``: rebuilt when older than ``max_age``."""
-        if issuer_id not in self.issuers():
-            raise NotFound(f"no issuer {issuer_id!r}")
-        cached = self._crls.get(issuer_id)
-        now = self.clock.now()
-        if cached is None or now - cached[0] > max_age:
-            cached = (now, self.build_crl(issuer_id))
-            self._crls[issuer_id] = cached
-        return cached[1]
-
-    def build_crl(self, issuer_id: str, validity: dt.timedelta = dt.timedelta(days=1)) -> bytes:
-        """A fresh full CRL (DER) for ``issuer_id`` with the next CRL number."""
-        now = self.clock.now().replace(microsecond=0)
-        number = self.store.next_crl_number(issuer_id)
-        crl = build_crl(
-            self.signer(issuer_id),
-            self.store.revoked_entries(issuer_id, now),
-            number,
-            now,
-            now + validity,
-        )
-        return crl.public_bytes(Encoding.DER)
 
     # -- service information ---------------------------------------------------------------
 
@@ -538,4 +529,4 @@ def _cn(subject: x509.Name) -> str | None:
     return str(attrs[0].value) if attrs else None
 
 
-__all__ = ["CreatedToken", "IssueRequest", "Pki", "spki_der", "token_digest"]
+__all__ = ["CreatedToken", "IssueRequest", "OcspResult", "Pki", "spki_der", "token_digest"]

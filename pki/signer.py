@@ -32,9 +32,24 @@ class CaUrls:
     """Where relying parties find CRLs, OCSP and issuer certificates."""
 
     base: str
+    shards: int = 1
 
-    def crl(self, issuer_id: str) -> str:
-        return f"{self.base.rstrip('/')}/crl/{issuer_id}.crl"
+    def crl(self, issuer_id: str, shard: int | None = None) -> str:
+        """The CRL of ``issuer_id``: of one partition, or complete when ``shard`` is None
+        (with a single partition both are the same URL)."""
+        return f"{self.base.rstrip('/')}/crl/{self.crl_name(issuer_id, shard)}.crl"
+
+    def delta_crl(self, issuer_id: str, shard: int | None = None) -> str:
+        return f"{self.base.rstrip('/')}/crl/{self.crl_name(issuer_id, shard)}-delta.crl"
+
+    def crl_name(self, issuer_id: str, shard: int | None) -> str:
+        if shard is None or self.shards <= 1:
+            return issuer_id
+        return f"{issuer_id}-{shard}"
+
+    def shard_of(self, serial: int) -> int:
+        """The partition a serial belongs to (fixed at issuance, stored with the row)."""
+        return serial % max(1, self.shards)
 
     def ca_issuers(self, issuer_id: str) -> str:
         return f"{self.base.rstrip('/')}/ca/{issuer_id}.der"
@@ -115,13 +130,17 @@ def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 
 
 def _revocation_pointers(
-    builder: x509.CertificateBuilder, urls: CaUrls, issuer_id: str, ocsp: bool = True
+    builder: x509.CertificateBuilder,
+    urls: CaUrls,
+    issuer_id: str,
+    ocsp: bool = True,
+    shard: int | None = None,
 ) -> x509.CertificateBuilder:
     builder = builder.add_extension(
         x509.CRLDistributionPoints(
             [
                 x509.DistributionPoint(
-                    full_name=[x509.UniformResourceIdentifier(urls.crl(issuer_id))],
+                    full_name=[x509.UniformResourceIdentifier(urls.crl(issuer_id, shard))],
                     relative_name=None,
                     reasons=None,
                     crl_issuer=None,
@@ -278,7 +297,7 @@ def build_end_entity(
         .add_extension(_ski(request.public_key), critical=False)
         .add_extension(_aki(issuer.certificate), critical=False)
     )
-    builder = _revocation_pointers(builder, urls, issuer.id)
+    builder = _revocation_pointers(builder, urls, issuer.id, shard=urls.shard_of(request.serial))
     return _sign(builder, issuer.key)
 
 

@@ -384,9 +384,9 @@ def test_wrong_hsm_pin_is_a_clear_error(fresh_home: Path, tmp_path: Path) -> Non
 
 
 def test_unwritable_output_file_is_a_clean_error(bad_home: Path, tmp_path: Path) -> None:
-    """A file the command cannot write ends in a one-line error, not a traceback."""
+    """An --out the command cannot write is a usage error before anything is published."""
     proc = hsmca(bad_home, "crl", "--out", str(tmp_path / "missing" / "x.crl"))
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert proc.stderr.startswith("Error: No such file or directory: ")
-    assert str(tmp_path / "missing" / "x.crl") in proc.stderr
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert f"--out: directory {tmp_path / 'missing'} does not exist" in proc.stderr
+    assert "published" not in proc.stderr
     assert "Traceback" not in proc.stderr

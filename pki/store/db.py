@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pki.audit import GENESIS, AuditRecord, StoredEvent, canonical_body, chain_hash
 from pki.clock import Clock, SystemClock
 from pki.errors import Conflict, InvalidInput, NotFound
-from pki.store.models import ApiToken, AuditEvent, Certificate, Issuer
+from pki.store.models import ApiToken, AuditEvent, Certificate, Crl, Issuer, OcspResponse
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _AUDIT_LOCK_KEY = 0x68736D6361  # "hsmca"
@@ -41,7 +41,13 @@ _COMPLETE_CERTIFICATE = (
     .where(_CERTS.c.serial == bindparam("p_serial"), _CERTS.c.status == "pending")
     .values(der=bindparam("p_der"), status="good")
 )
-_PENDING_DEFAULTS: dict[str, Any] = {"revoked_at": None, "revocation_reason": None, "der": None}
+_PENDING_DEFAULTS: dict[str, Any] = {
+    "revoked_at": None,
+    "revocation_reason": None,
+    "invalidity_date": None,
+    "der": None,
+    "crl_shard": 0,
+}
 _INSERT_AUDIT = _AUDIT.insert()
 _LAST_AUDIT = select(_AUDIT.c.id, _AUDIT.c.hash).order_by(_AUDIT.c.id.desc()).limit(1)
 _PG_AUDIT_LOCK = select(func.pg_advisory_xact_lock(_AUDIT_LOCK_KEY))
@@ -92,6 +98,15 @@ class CertificateQuery:
     requester: str | None = None
     limit: int = 100
     cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class RevokedEntry:
+    serial: str
+    revoked_at: dt.datetime
+    reason: str | None
+    invalidity_date: dt.datetime | None
+    crl_shard: int
 
 
 @dataclass(frozen=True)
@@ -377,7 +392,14 @@ class Store:
             return Page(rows[: query.limit], _encode_cursor(rows[query.limit - 1].id))
         return Page(rows, None)
 
-    def revoke(self, serial: str, reason: str, at: dt.datetime, record: AuditRecord) -> Certificate:
+    def revoke(
+        self,
+        serial: str,
+        reason: str,
+        at: dt.datetime,
+        record: AuditRecord,
+        invalidity_date: dt.datetime | None = None,
+    ) -> Certificate:
         """Mark a good or pending certificate revoked and audit; Conflict if already revoked."""
         # FOR UPDATE: on PostgreSQL two concurrent revocations both saw "good" and both
         # wrote (second revocation time and reason, two audit events); SQLite ignores it
@@ -392,6 +414,7 @@ class Store:
             cert.status = "revoked"
             cert.revoked_at = at
             cert.revocation_reason = reason
+            cert.invalidity_date = invalidity_date
             self._append_audit(s, record)
             s.flush()
             return cert
@@ -404,17 +427,99 @@ class Store:
             )
             return list(s.execute(stmt).scalars())
 
-    def revoked_entries(self, issuer_id: str, now: dt.datetime) -> list[tuple[str, Any, Any]]:
-        """(serial, revoked_at, reason) of unexpired revoked certificates of an issuer."""
+    def revoked_entries(self, issuer_id: str, now: dt.datetime) -> list[RevokedEntry]:
+        """Unexpired revoked certificates of an issuer, for CRLs (read straight from the
+        driver: a million rows must not cost a million ORM objects)."""
         stmt = select(
-            Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason
+            Certificate.serial,
+            Certificate.revoked_at,
+            Certificate.revocation_reason,
+            Certificate.invalidity_date,
+            Certificate.crl_shard,
         ).where(
             Certificate.issuer_id == issuer_id,
             Certificate.status == "revoked",
             Certificate.not_after > now,
         )
+        with self.read_engine.connect() as conn:
+            result = conn.execute(stmt)
+            return [RevokedEntry(*row) for row in result]
+
+    def latest_revocation(self, issuer_id: str, shard: int | None = None) -> dt.datetime | None:
+        """Time of the newest revocation of an issuer (in one CRL partition if given)."""
+        stmt = select(func.max(Certificate.revoked_at)).where(
+            Certificate.issuer_id == issuer_id, Certificate.status == "revoked"
+        )
+        if shard is not None:
+            stmt = stmt.where(Certificate.crl_shard == shard)
         with self._ro() as s:
-            return [tuple(r) for r in s.execute(stmt)]
+            value = s.execute(stmt).scalar()
+        if isinstance(value, str):  # SQLite: func.max loses the column type
+            value = dt.datetime.fromisoformat(value)
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value
+
+    # -- CRLs and OCSP responses -----------------------------------------------------------
+
+    def save_crl(self, crl: Crl) -> None:
+        with self._tx() as s:
+            s.add(crl)
+
+    def latest_crl(self, issuer_id: str, shard: int, kinds: tuple[str, ...]) -> Crl | None:
+        """The highest-numbered CRL of a partition among ``kinds``."""
+        stmt = (
+            select(Crl)
+            .where(Crl.issuer_id == issuer_id, Crl.shard == shard, Crl.kind.in_(kinds))
+            .order_by(Crl.number.desc())
+            .limit(1)
+        )
+        with self._ro() as s:
+            return s.execute(stmt).scalar()
+
+    def prune_crls(self, issuer_id: str, keep_after: dt.datetime) -> None:
+        """Forget CRLs that stopped being valid before ``keep_after`` (latest ones stay)."""
+        with self._tx() as s:
+            s.execute(
+                Crl.__table__.delete().where(
+                    Crl.issuer_id == issuer_id, Crl.next_update < keep_after
+                )
+            )
+
+    def save_ocsp_responses(self, rows: list[dict[str, Any]]) -> None:
+        """Insert or replace pre-signed responses (one per serial and hash algorithm)."""
+        if not rows:
+            return
+        with self._tx() as s:
+            for row in rows:
+                s.merge(OcspResponse(**row))
+
+    def ocsp_response(self, serial: str, hash_algorithm: str) -> OcspResponse | None:
+        with self._ro() as s:
+            return s.get(OcspResponse, (serial, hash_algorithm))
+
+    def certificates_for_ocsp(
+        self, issuer_id: str, stale_before: dt.datetime, now: dt.datetime, limit: int
+    ) -> list[Certificate]:
+        """Unexpired signed certificates whose SHA-1 response is missing or goes stale
+        before ``stale_before``: the pre-signing work list."""
+        stmt = (
+            select(Certificate)
+            .outerjoin(
+                OcspResponse,
+                (OcspResponse.serial == Certificate.serial)
+                & (OcspResponse.hash_algorithm == "sha1"),
+            )
+            .where(
+                Certificate.issuer_id == issuer_id,
+                Certificate.status.in_(("good", "revoked")),
+                Certificate.not_after > now,
+                (OcspResponse.serial.is_(None)) | (OcspResponse.next_update < stale_before),
+            )
+            .limit(limit)
+        )
+        with self._ro() as s:
+            return list(s.execute(stmt).scalars())
 
     # -- API tokens ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
@@ -94,7 +95,10 @@ class Certificate(Base):
     status: Mapped[str] = mapped_column(String(16))  # pending | good | revoked
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     revocation_reason: Mapped[str | None] = mapped_column(String(32))
+    invalidity_date: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     der: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: the CRL partition named in this certificate's CDP, fixed at issuance
+    crl_shard: Mapped[int] = mapped_column(SmallInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
     # Few indexes on purpose: each one is written by every issuance. State-specific
@@ -152,3 +156,40 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class Crl(Base):
+    """A published CRL: a base (complete for its shard) or a delta since a base."""
+
+    __tablename__ = "crls"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"))
+    shard: Mapped[int] = mapped_column(SmallInteger)
+    kind: Mapped[str] = mapped_column(String(8))  # base | delta
+    number: Mapped[int] = mapped_column(BigInteger)
+    base_number: Mapped[int | None] = mapped_column(BigInteger)
+    entries: Mapped[int] = mapped_column(Integer)
+    #: when the revocation list was read (exact); thisUpdate is whole seconds
+    built_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    this_update: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    next_update: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        Index("ix_crls_issuer_shard_kind_number", "issuer_id", "shard", "kind", "number"),
+    )
+
+
+class OcspResponse(Base):
+    """A pre-signed OCSP response for one certificate and one CertID hash algorithm."""
+
+    __tablename__ = "ocsp_responses"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hash_algorithm: Mapped[str] = mapped_column(String(8), primary_key=True)
+    issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"))
+    status: Mapped[str] = mapped_column(String(8))
+    this_update: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    next_update: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    der: Mapped[bytes] = mapped_column(LargeBinary)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 00:44:00.806256
+Create Date: 2026-11-26 01:23:19.526703
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("revoked_at", pki.store.models.UTCDateTime(), nullable=True),
         sa.Column("revocation_reason", sa.String(length=32), nullable=True),
+        sa.Column("invalidity_date", pki.store.models.UTCDateTime(), nullable=True),
         sa.Column("der", sa.LargeBinary(), nullable=True),
+        sa.Column("crl_shard", sa.SmallInteger(), nullable=False),
         sa.Column("created_at", pki.store.models.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
             ["issuer_id"], ["issuers.id"], name=op.f("fk_certificates_issuer_id_issuers")
@@ -122,8 +124,60 @@ def upgrade() -> None:
             "ix_certificates_status_not_after", ["status", "not_after"], unique=False
         )
 
+    op.create_table(
+        "crls",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("issuer_id", sa.String(length=64), nullable=False),
+        sa.Column("shard", sa.SmallInteger(), nullable=False),
+        sa.Column("kind", sa.String(length=8), nullable=False),
+        sa.Column("number", sa.BigInteger(), nullable=False),
+        sa.Column("base_number", sa.BigInteger(), nullable=True),
+        sa.Column("entries", sa.Integer(), nullable=False),
+        sa.Column("built_at", pki.store.models.UTCDateTime(), nullable=False),
+        sa.Column("this_update", pki.store.models.UTCDateTime(), nullable=False),
+        sa.Column("next_update", pki.store.models.UTCDateTime(), nullable=False),
+        sa.Column("der", sa.LargeBinary(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["issuer_id"], ["issuers.id"], name=op.f("fk_crls_issuer_id_issuers")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_crls")),
+    )
+    with op.batch_alter_table("crls", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_crls_issuer_shard_kind_number",
+            ["issuer_id", "shard", "kind", "number"],
+            unique=False,
+        )
+
+    op.create_table(
+        "ocsp_responses",
+        sa.Column("serial", sa.String(length=64), nullable=False),
+        sa.Column("hash_algorithm", sa.String(length=8), nullable=False),
+        sa.Column("issuer_id", sa.String(length=64), nullable=False),
+        sa.Column("status", sa.String(length=8), nullable=False),
+        sa.Column("this_update", pki.store.models.UTCDateTime(), nullable=False),
+        sa.Column("next_update", pki.store.models.UTCDateTime(), nullable=False),
+        sa.Column("der", sa.LargeBinary(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["issuer_id"], ["issuers.id"], name=op.f("fk_ocsp_responses_issuer_id_issuers")
+        ),
+        sa.PrimaryKeyConstraint("serial", "hash_algorithm", name=op.f("pk_ocsp_responses")),
+    )
+    with op.batch_alter_table("ocsp_responses", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_ocsp_responses_next_update"), ["next_update"], unique=False
+        )
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("ocsp_responses", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_ocsp_responses_next_update"))
+
+    op.drop_table("ocsp_responses")
+    with op.batch_alter_table("crls", schema=None) as batch_op:
+        batch_op.drop_index("ix_crls_issuer_shard_kind_number")
+
+    op.drop_table("crls")
     with op.batch_alter_table("certificates", schema=None) as batch_op:
         batch_op.drop_index("ix_certificates_status_not_after")
         batch_op.drop_index(

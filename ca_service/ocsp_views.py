@@ -1,0 +1,60 @@
+"""OCSP over HTTP (RFC 6960 appendix A, RFC 5019): POST and GET, cache headers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from email.utils import format_datetime
+
+from flask import Blueprint, Response, request
+
+from ca_service.context import core
+from pki.ocsp import MAX_REQUEST_BYTES, MalformedRequest, decode_get_path, error_response
+
+ocsp = Blueprint("ocsp", __name__)
+OCSP_RESPONSE = "application/ocsp-response"
+
+
+def _answer(der: bytes) -> Response:
+    result = core().ocsp_respond(der)
+    resp = Response(result.der, mimetype=OCSP_RESPONSE)
+    if result.cacheable and result.this_update and result.next_update:
+        now = dt.datetime.now(dt.UTC)
+        max_age = max(0, int((result.next_update - now).total_seconds()))
+        resp.headers["Cache-Control"] = f"max-age={max_age}, public, no-transform, must-revalidate"
+        resp.headers["Last-Modified"] = format_datetime(result.this_update, usegmt=True)
+        resp.headers["Expires"] = format_datetime(result.next_update, usegmt=True)
+        resp.headers["ETag"] = '"' + hashlib.sha1(result.der).hexdigest() + '"'
+    else:
+        resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def _malformed() -> Response:
+    resp = Response(error_response("malformed_request"), mimetype=OCSP_RESPONSE)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@ocsp.post("/ocsp")
+@ocsp.post("/ocsp/")
+def ocsp_post() -> Response:
+    # read the raw stream ourselves: an oversized request is malformed, not a 413 page
+    body = request.environ["wsgi.input"].read(MAX_REQUEST_BYTES + 1)
+    if len(body) > MAX_REQUEST_BYTES:
+        return _malformed()
+    return _answer(body)
+
+
+@ocsp.get("/ocsp/<path:encoded>")
+def ocsp_get(encoded: str) -> Response:
+    raw_path = request.environ.get("RAW_URI", "").split("?", 1)[0]
+    if raw_path.startswith("/ocsp/"):
+        encoded = raw_path[len("/ocsp/") :]  # keep %2F and '+' exactly as sent
+    if len(encoded) > 2 * MAX_REQUEST_BYTES:
+        return _malformed()
+    try:
+        der = decode_get_path(encoded)
+    except MalformedRequest:
+        return _malformed()
+    return _answer(der)

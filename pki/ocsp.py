@@ -1,0 +1,209 @@
+"""OCSP (RFC 6960, RFC 5019 profile): request parsing and response assembly.
+
+cryptography parses and builds OCSP for one certificate only, so requests are parsed
+and responses assembled with asn1crypto; the tbsResponseData is signed by the
+delegated responder's HSM key through :mod:`pki.hsm_keys`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from asn1crypto import core, ocsp
+from asn1crypto import x509 as ax
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from pki.hsm_keys import HsmPrivateKey
+
+MAX_REQUEST_BYTES = 8192
+MAX_CERT_IDS = 32
+HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
+
+
+class MalformedRequest(ValueError):
+    """The request cannot be parsed (RFC 6960 malformedRequest)."""
+
+
+@dataclass(frozen=True)
+class CertIdRequest:
+    """One CertID of a request, kept as received so the answer echoes it exactly."""
+
+    cert_id: ocsp.CertId
+    hash_algorithm: str
+    issuer_name_hash: bytes
+    issuer_key_hash: bytes
+    serial: int
+
+
+@dataclass(frozen=True)
+class OcspRequest:
+    items: tuple[CertIdRequest, ...]
+    nonce: bytes | None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The status to state for one CertID."""
+
+    request: CertIdRequest
+    status: str  # good | revoked | unknown
+    this_update: dt.datetime
+    next_update: dt.datetime
+    revoked_at: dt.datetime | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Responder:
+    """A delegated OCSP responder: certificate and HSM key."""
+
+    certificate: x509.Certificate
+    key: HsmPrivateKey
+
+    @property
+    def key_hash(self) -> bytes:
+        """SHA-1 of the responder's public key BIT STRING (ResponderID byKey)."""
+        return public_key_hash(self.certificate, "sha1")
+
+
+def issuer_name_hash(issuer: x509.Certificate, algorithm: str) -> bytes:
+    return HASHES[algorithm](issuer.subject.public_bytes()).digest()
+
+
+def public_key_hash(cert: x509.Certificate, algorithm: str) -> bytes:
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    bits = ax.PublicKeyInfo.load(spki)["public_key"].contents[1:]  # drop unused-bits octet
+    return HASHES[algorithm](bits).digest()
+
+
+def decode_get_path(path_part: str) -> bytes:
+    """The DER request of a GET (RFC 6960 appendix A): URL-encoded base64, URL-safe too."""
+    text = unquote(path_part).strip().replace("-", "+").replace("_", "/").replace(" ", "+")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedRequest("GET path is not base64") from None
+
+
+def parse_request(der: bytes) -> OcspRequest:
+    """Parse a DER OCSPRequest; MalformedRequest when it is not one."""
+    if not der or len(der) > MAX_REQUEST_BYTES:
+        raise MalformedRequest("empty or oversized request")
+    try:
+        req = ocsp.OCSPRequest.load(der, strict=True)
+        tbs = req["tbs_request"]
+        items = []
+        for single in tbs["request_list"]:
+            cert_id = single["req_cert"]
+            algorithm = cert_id["hash_algorithm"]["algorithm"].native
+            items.append(
+                CertIdRequest(
+                    cert_id=cert_id,
+                    hash_algorithm=algorithm,
+                    issuer_name_hash=cert_id["issuer_name_hash"].native,
+                    issuer_key_hash=cert_id["issuer_key_hash"].native,
+                    serial=cert_id["serial_number"].native,
+                )
+            )
+        nonce = None
+        for ext in tbs["request_extensions"] or []:
+            if ext["extn_id"].native == "nonce":
+                nonce = ext["extn_value"].parsed.native
+                if isinstance(nonce, bytes) and not 1 <= len(nonce) <= 128:
+                    raise MalformedRequest("nonce must be 1 to 128 octets")
+    except MalformedRequest:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise MalformedRequest("not a DER OCSPRequest") from None
+    if not items or len(items) > MAX_CERT_IDS:
+        raise MalformedRequest(f"a request must name 1 to {MAX_CERT_IDS} certificates")
+    return OcspRequest(tuple(items), nonce if isinstance(nonce, bytes) else None)
+
+
+_REASON_CODES = {
+    "unspecified": "unspecified",
+    "keyCompromise": "key_compromise",
+    "cACompromise": "ca_compromise",
+    "affiliationChanged": "affiliation_changed",
+    "superseded": "superseded",
+    "cessationOfOperation": "cessation_of_operation",
+    "certificateHold": "certificate_hold",
+    "privilegeWithdrawn": "privilege_withdrawn",
+    "aACompromise": "aa_compromise",
+}
+
+
+def _single(answer: Answer) -> ocsp.SingleResponse:
+    if answer.status == "good":
+        status = ocsp.CertStatus(name="good", value=core.Null())
+    elif answer.status == "revoked":
+        info = {"revocation_time": answer.revoked_at}
+        if answer.reason and answer.reason != "unspecified":
+            info["revocation_reason"] = _REASON_CODES[answer.reason]
+        status = ocsp.CertStatus(name="revoked", value=ocsp.RevokedInfo(info))
+    else:
+        status = ocsp.CertStatus(name="unknown", value=core.Null())
+    return ocsp.SingleResponse(
+        {
+            "cert_id": answer.request.cert_id,
+            "cert_status": status,
+            "this_update": answer.this_update,
+            "next_update": answer.next_update,
+        }
+    )
+
+
+def build_response(
+    responder: Responder, answers: list[Answer], produced_at: dt.datetime, nonce: bytes | None
+) -> bytes:
+    """A signed, successful OCSPResponse (DER) stating ``answers``."""
+    extensions = []
+    if nonce is not None:
+        extensions.append({"extn_id": "nonce", "critical": False, "extn_value": nonce})
+    data = ocsp.ResponseData(
+        {
+            "responder_id": ocsp.ResponderId(name="by_key", value=responder.key_hash),
+            "produced_at": produced_at,
+            "responses": [_single(a) for a in answers],
+            "response_extensions": extensions or None,
+        }
+    )
+    tbs = data.dump()
+    key = responder.key
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+        algorithm = "sha256_ecdsa"
+    elif isinstance(key, rsa.RSAPrivateKey):
+        signature = key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
+        algorithm = "sha256_rsa"
+    else:  # pragma: no cover - responder keys are EC or RSA
+        raise TypeError("unsupported responder key")
+    basic = ocsp.BasicOCSPResponse(
+        {
+            "tbs_response_data": data,
+            "signature_algorithm": {"algorithm": algorithm},
+            "signature": signature,
+            "certs": [ax.Certificate.load(responder.certificate.public_bytes(Encoding.DER))],
+        }
+    )
+    return ocsp.OCSPResponse(
+        {
+            "response_status": "successful",
+            "response_bytes": {"response_type": "basic_ocsp_response", "response": basic},
+        }
+    ).dump()
+
+
+def error_response(status: str) -> bytes:
+    """An unsigned OCSPResponse with an error status (``malformed_request``, ``unauthorized``,
+    ``internal_error``, ``try_later``)."""
+    return ocsp.OCSPResponse({"response_status": status}).dump()

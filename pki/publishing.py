@@ -1,0 +1,449 @@
+"""Revocation use-cases of :class:`pki.service.Pki`: publishing CRLs and answering OCSP.
+
+* Base CRLs per issuer and partition (``crl.shards``), each with an issuingDistribution
+  Point naming its URL and a Freshest CRL pointer to its delta; delta CRLs list what was
+  revoked since their base. :meth:`publish_due` rebuilds what is due: bases before half
+  their validity has passed, deltas a debounce interval after the newest revocation (a
+  burst of revocations makes one CRL). Expired certificates leave the CRLs.
+* OCSP answers from pre-signed responses (per serial and CertID hash); a revocation
+  re-signs that certificate's responses at once; a request with a nonce or several
+  CertIDs is signed live.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+
+from pki.durations import parse_duration
+from pki.errors import NotFound
+from pki.hsm_keys import hsm_private_key
+from pki.ocsp import (
+    HASHES,
+    Answer,
+    CertIdRequest,
+    MalformedRequest,
+    Responder,
+    build_response,
+    error_response,
+    issuer_name_hash,
+    parse_request,
+    public_key_hash,
+)
+from pki.revocation import CrlScope, build_crl_der, encode_entry
+from pki.serials import serial_hex
+from pki.store import Crl, Issuer, RevokedEntry
+
+if TYPE_CHECKING:
+    from pki.config import Settings
+    from pki.signer import CaUrls
+    from pki.store import Store
+
+PRESIGN_BATCH = 500
+
+
+@dataclass(frozen=True)
+class OcspResult:
+    """An OCSP answer and how HTTP may cache it (``cacheable`` False: signed live)."""
+
+    der: bytes
+    this_update: dt.datetime | None = None
+    next_update: dt.datetime | None = None
+    cacheable: bool = False
+
+
+@dataclass(frozen=True)
+class _IssuerHashes:
+    issuer_id: str
+    by_hash: frozenset[tuple[str, bytes, bytes]]
+
+
+class PublishingMixin:
+    """CRL and OCSP use-cases; relies on the attributes :class:`Pki` provides."""
+
+    settings: Settings
+    store: Store
+    urls: CaUrls
+    clock: object
+
+    def _publishing_init(self) -> None:
+        self._responders: dict[str, Responder] = {}
+        self._ocsp_hashes: list[_IssuerHashes] | None = None
+        self._publish_lock = threading.Lock()
+        self._crls: dict[str, tuple[dt.datetime, bytes]] = {}
+
+    # -- CRLs ------------------------------------------------------------------------------
+
+    def _crl_shards(self, issuer: Issuer) -> list[int]:
+        """Partitions of an issuer: issuing CAs are sharded, a root has one CRL."""
+        if issuer.kind == "root":
+            return [0]
+        return list(range(max(1, self.settings.crl.shards)))
+
+    def _scope_url(self, issuer: Issuer, shard: int) -> str:
+        return self.urls.crl(issuer.id, None if issuer.kind == "root" else shard)
+
+    def _delta_url(self, issuer: Issuer, shard: int) -> str:
+        return self.urls.delta_crl(issuer.id, None if issuer.kind == "root" else shard)
+
+    def publish_base_crls(self, issuer_id: str, kind: str = "base") -> list[Crl]:
+        """Build and store a complete CRL for every partition of ``issuer_id``: a periodic
+        ``base`` (what delta CRLs refer to) or a ``full`` refresh after revocations."""
+        issuer = self._issuer(issuer_id)
+        signer = self.signer(issuer_id)  # type: ignore[attr-defined]
+        built_at = self.clock.now()  # type: ignore[attr-defined]
+        now = built_at.replace(microsecond=0)
+        validity = parse_duration(self.settings.crl.validity)
+        shards = self._crl_shards(issuer)
+        by_shard: dict[int, list[bytes]] = {s: [] for s in shards}
+        single = len(shards) == 1
+        for entry in self.store.revoked_entries(issuer_id, now):
+            by_shard[0 if single else entry.crl_shard % len(shards)].append(_encode(entry))
+        published = []
+        for shard in shards:
+            number = self.store.next_crl_number(issuer_id)
+            der = build_crl_der(
+                signer,
+                by_shard[shard],
+                number,
+                now,
+                now + validity,
+                CrlScope(
+                    url=self._scope_url(issuer, shard),
+                    freshest_url=self._delta_url(issuer, shard),
+                ),
+            )
+            crl = Crl(
+                issuer_id=issuer_id,
+                shard=shard,
+                kind=kind,
+                number=number,
+                base_number=None,
+                entries=len(by_shard[shard]),
+                built_at=built_at,
+                this_update=now,
+                next_update=now + validity,
+                der=der,
+            )
+            self.store.save_crl(crl)
+            published.append(crl)
+        self.store.prune_crls(issuer_id, now - validity)
+        return published
+
+    def publish_delta_crls(self, issuer_id: str) -> list[Crl]:
+        """Delta CRLs (RFC 5280 5.2.4) against each partition's current base."""
+        issuer = self._issuer(issuer_id)
+        signer = self.signer(issuer_id)  # type: ignore[attr-defined]
+        built_at = self.clock.now()  # type: ignore[attr-defined]
+        now = built_at.replace(microsecond=0)
+        validity = parse_duration(self.settings.crl.delta_validity)
+        shards = self._crl_shards(issuer)
+        entries = [e for e in self.store.revoked_entries(issuer_id, now)]
+        published = []
+        for shard in shards:
+            base = self.store.latest_crl(issuer_id, shard, ("base",))
+            if base is None:
+                continue
+            mine = [
+                _encode(e)
+                for e in entries
+                if (len(shards) == 1 or e.crl_shard % len(shards) == shard)
+                and e.revoked_at >= base.this_update  # whole seconds: never misses one
+            ]
+            number = self.store.next_crl_number(issuer_id)
+            der = build_crl_der(
+                signer,
+                mine,
+                number,
+                now,
+                min(now + validity, base.next_update),
+                CrlScope(url=self._scope_url(issuer, shard), delta_of=base.number),
+            )
+            crl = Crl(
+                issuer_id=issuer_id,
+                shard=shard,
+                kind="delta",
+                number=number,
+                base_number=base.number,
+                entries=len(mine),
+                built_at=built_at,
+                this_update=now,
+                next_update=min(now + validity, base.next_update),
+                der=der,
+            )
+            self.store.save_crl(crl)
+            published.append(crl)
+        return published
+
+    def current_crl(
+        self, issuer_id: str, max_age: dt.timedelta = dt.timedelta(seconds=30)
+    ) -> bytes:
+        """The complete CRL of ``issuer_id`` (all partitions), rebuilt when older than
+        ``max_age`` or than the newest revocation."""
+        if issuer_id not in self.issuers():  # type: ignore[attr-defined]
+            raise NotFound(f"no issuer {issuer_id!r}")
+        cached = self._crls.get(issuer_id)
+        now = self.clock.now()  # type: ignore[attr-defined]
+        newest = self.store.latest_revocation(issuer_id)
+        if (
+            cached is None
+            or now - cached[0] > max_age
+            or (newest is not None and newest >= cached[0])
+        ):
+            cached = (now, self.build_crl(issuer_id))
+            self._crls[issuer_id] = cached
+        return cached[1]
+
+    def build_crl(self, issuer_id: str, validity: dt.timedelta = dt.timedelta(days=1)) -> bytes:
+        """A fresh full CRL (DER) for ``issuer_id`` with the next CRL number."""
+        now = self.clock.now().replace(microsecond=0)  # type: ignore[attr-defined]
+        number = self.store.next_crl_number(issuer_id)
+        return build_crl_der(
+            self.signer(issuer_id),  # type: ignore[attr-defined]
+            [_encode(e) for e in self.store.revoked_entries(issuer_id, now)],
+            number,
+            now,
+            now + validity,
+        )
+
+    def crl_document(self, name: str) -> bytes:
+        """The DER CRL published as ``/crl/<name>.crl``: the newest complete CRL of that
+        partition (refreshed first if a revocation is newer), or its delta."""
+        issuer_id, shard, kind = self._parse_crl_name(name)
+        issuer = self._issuer(issuer_id)
+        if shard is None and len(self._crl_shards(issuer)) > 1:
+            return self.current_crl(issuer_id)
+        shard = shard or 0
+        if shard not in self._crl_shards(issuer):
+            raise NotFound(f"no CRL {name!r}")
+        kinds = ("base", "full") if kind == "base" else ("delta",)
+        latest = self.store.latest_crl(issuer_id, shard, kinds)
+        if latest is None or self._outdated(issuer, shard, latest):
+            with self._publish_lock:
+                latest = self.store.latest_crl(issuer_id, shard, kinds)
+                if latest is None or self._outdated(issuer, shard, latest):
+                    if self.store.latest_crl(issuer_id, shard, ("base",)) is None:
+                        self.publish_base_crls(issuer_id)
+                    if kind == "base":
+                        self.publish_base_crls(issuer_id, "full")
+                    else:
+                        self.publish_delta_crls(issuer_id)
+                    latest = self.store.latest_crl(issuer_id, shard, kinds)
+        if latest is None:
+            raise NotFound(f"no CRL {name!r}")
+        return latest.der
+
+    def _outdated(self, issuer: Issuer, shard: int, crl: Crl) -> bool:
+        now = self.clock.now()  # type: ignore[attr-defined]
+        if crl.next_update <= now:
+            return True
+        newest = self.store.latest_revocation(
+            issuer.id, None if len(self._crl_shards(issuer)) == 1 else shard
+        )
+        return newest is not None and newest > crl.built_at
+
+    def _parse_crl_name(self, name: str) -> tuple[str, int | None, str]:
+        kind = "base"
+        if name.endswith("-delta"):
+            kind, name = "delta", name[: -len("-delta")]
+        issuer_id, _, shard = name.partition("-")
+        if shard:
+            if not shard.isdigit():
+                raise NotFound(f"no CRL {name!r}")
+            return issuer_id, int(shard), kind
+        return issuer_id, None, kind
+
+    def publish_due(self) -> dict[str, int]:
+        """Rebuild whatever is due: base CRLs past half their validity, delta CRLs a
+        debounce interval after new revocations (a burst makes one CRL) or past half their
+        validity, OCSP responses about to go stale. Returns what was published."""
+        counts = {"base_crls": 0, "delta_crls": 0, "ocsp": 0}
+        now = self.clock.now()  # type: ignore[attr-defined]
+        base_half = parse_duration(self.settings.crl.validity) / 2
+        delta_half = parse_duration(self.settings.crl.delta_validity) / 2
+        debounce = dt.timedelta(seconds=self.settings.crl.debounce_seconds)
+        with self._publish_lock:
+            for issuer in self.issuers().values():  # type: ignore[attr-defined]
+                if not issuer.active:
+                    continue
+                base = self.store.latest_crl(issuer.id, 0, ("base",))
+                if base is None or base.next_update - now < base_half:
+                    counts["base_crls"] += len(self.publish_base_crls(issuer.id))
+                    base = self.store.latest_crl(issuer.id, 0, ("base",))
+                assert base is not None
+                delta = self.store.latest_crl(issuer.id, 0, ("delta",))
+                if delta is not None and delta.base_number != base.number:
+                    delta = None
+                covered = delta.built_at if delta is not None else base.built_at
+                newest = self.store.latest_revocation(issuer.id)
+                revoked_since = newest is not None and newest > covered
+                if revoked_since and now - newest < debounce:  # type: ignore[operator]
+                    continue  # more may follow: one CRL for the whole burst
+                if revoked_since:
+                    counts["base_crls"] += len(self.publish_base_crls(issuer.id, "full"))
+                if revoked_since or delta is None or delta.next_update - now < delta_half:
+                    counts["delta_crls"] += len(self.publish_delta_crls(issuer.id))
+                if issuer.kind == "intermediate":
+                    counts["ocsp"] += self.presign_ocsp(issuer.id)
+        return counts
+
+    # -- OCSP ------------------------------------------------------------------------------
+
+    def _issuer(self, issuer_id: str) -> Issuer:
+        issuer = self.issuers().get(issuer_id)  # type: ignore[attr-defined]
+        if issuer is None:
+            raise NotFound(f"no issuer {issuer_id!r}")
+        return issuer
+
+    def responder(self, issuer_id: str) -> Responder:
+        """The delegated OCSP responder of ``issuer_id`` (certificate and HSM key)."""
+        if issuer_id not in self._responders:
+            issuer = self._issuer(issuer_id)
+            if not issuer.ocsp_serial or not issuer.ocsp_key_label:
+                raise NotFound(f"issuer {issuer_id} has no OCSP responder")
+            row = self.store.certificate(issuer.ocsp_serial)
+            assert row.der is not None
+            self._responders[issuer_id] = Responder(
+                certificate=x509.load_der_x509_certificate(row.der),
+                key=hsm_private_key(self.hsm, issuer.ocsp_key_label),  # type: ignore[attr-defined]
+            )
+        return self._responders[issuer_id]
+
+    def _issuer_hashes(self) -> list[_IssuerHashes]:
+        if self._ocsp_hashes is None:
+            found = []
+            for issuer in self.issuers().values():  # type: ignore[attr-defined]
+                if issuer.kind != "intermediate" or not issuer.ocsp_serial:
+                    continue
+                cert = x509.load_der_x509_certificate(issuer.der)
+                found.append(
+                    _IssuerHashes(
+                        issuer.id,
+                        frozenset(
+                            (alg, issuer_name_hash(cert, alg), public_key_hash(cert, alg))
+                            for alg in HASHES
+                        ),
+                    )
+                )
+            self._ocsp_hashes = found
+        return self._ocsp_hashes
+
+    def _issuer_for(self, item: CertIdRequest) -> str | None:
+        key = (item.hash_algorithm, item.issuer_name_hash, item.issuer_key_hash)
+        for hashes in self._issuer_hashes():
+            if key in hashes.by_hash:
+                return hashes.issuer_id
+        return None
+
+    def _answer(self, issuer_id: str, item: CertIdRequest, now: dt.datetime) -> Answer:
+        validity = parse_duration(self.settings.ocsp.validity)
+        this_update = now.replace(microsecond=0)
+        try:
+            row = self.store.certificate(serial_hex(item.serial))
+        except NotFound:
+            row = None
+        if row is None or row.issuer_id != issuer_id or row.status == "pending":
+            return Answer(item, "unknown", this_update, this_update + validity)
+        if row.status == "revoked":
+            return Answer(
+                item,
+                "revoked",
+                this_update,
+                this_update + validity,
+                revoked_at=row.revoked_at.replace(microsecond=0) if row.revoked_at else None,
+                reason=row.revocation_reason,
+            )
+        return Answer(item, "good", this_update, this_update + validity)
+
+    def ocsp_respond(self, request_der: bytes) -> OcspResult:
+        """Answer an OCSP request (RFC 6960): pre-signed when possible, else signed now."""
+        try:
+            request = parse_request(request_der)
+        except MalformedRequest:
+            return OcspResult(error_response("malformed_request"))
+        issuer_ids = [self._issuer_for(item) for item in request.items]
+        if any(i is None for i in issuer_ids) or len(set(issuer_ids)) != 1:
+            return OcspResult(error_response("unauthorized"))
+        issuer_id = issuer_ids[0]
+        assert issuer_id is not None
+        now = self.clock.now()  # type: ignore[attr-defined]
+        if len(request.items) == 1 and request.nonce is None:
+            item = request.items[0]
+            stored = self.store.ocsp_response(serial_hex(item.serial), item.hash_algorithm)
+            if (
+                stored is not None
+                and stored.issuer_id == issuer_id
+                and stored.next_update > now
+                and stored.this_update <= now
+            ):
+                return OcspResult(stored.der, stored.this_update, stored.next_update, True)
+        answers = [self._answer(issuer_id, item, now) for item in request.items]
+        der = build_response(
+            self.responder(issuer_id), answers, now.replace(microsecond=0), request.nonce
+        )
+        if len(answers) == 1 and request.nonce is None:
+            answer = answers[0]
+            if answer.status != "unknown":
+                self.store.save_ocsp_responses([_ocsp_row(issuer_id, answer, der)])
+            return OcspResult(der, answer.this_update, answer.next_update, True)
+        return OcspResult(der)
+
+    def presign_ocsp(self, issuer_id: str, serials: list[str] | None = None) -> int:
+        """Sign and store fresh responses (SHA-1 and SHA-256 CertIDs) for ``serials`` or
+        for every certificate whose response is missing or past half its validity."""
+        now = self.clock.now()  # type: ignore[attr-defined]
+        validity = parse_duration(self.settings.ocsp.validity)
+        if serials is None:
+            rows = self.store.certificates_for_ocsp(
+                issuer_id, now + validity / 2, now, PRESIGN_BATCH
+            )
+            serials = [r.serial for r in rows]
+        issuer_cert = x509.load_der_x509_certificate(self._issuer(issuer_id).der)
+        responder = self.responder(issuer_id)
+        saved = []
+        for serial in serials:
+            for alg in HASHES:
+                item = _cert_id(issuer_cert, alg, int(serial, 16))
+                answer = self._answer(issuer_id, item, now)
+                if answer.status == "unknown":
+                    continue
+                der = build_response(responder, [answer], now.replace(microsecond=0), None)
+                saved.append(_ocsp_row(issuer_id, answer, der))
+        self.store.save_ocsp_responses(saved)
+        return len(saved)
+
+
+def _encode(entry: RevokedEntry) -> bytes:
+    return encode_entry(entry.serial, entry.revoked_at, entry.reason, entry.invalidity_date)
+
+
+def _cert_id(issuer: x509.Certificate, algorithm: str, serial: int) -> CertIdRequest:
+    from asn1crypto import ocsp
+
+    name_hash = issuer_name_hash(issuer, algorithm)
+    key_hash = public_key_hash(issuer, algorithm)
+    cert_id = ocsp.CertId(
+        {
+            "hash_algorithm": {"algorithm": algorithm},
+            "issuer_name_hash": name_hash,
+            "issuer_key_hash": key_hash,
+            "serial_number": serial,
+        }
+    )
+    return CertIdRequest(cert_id, algorithm, name_hash, key_hash, serial)
+
+
+def _ocsp_row(issuer_id: str, answer: Answer, der: bytes) -> dict[str, object]:
+    return {
+        "serial": serial_hex(answer.request.serial),
+        "hash_algorithm": answer.request.hash_algorithm,
+        "issuer_id": issuer_id,
+        "status": answer.status,
+        "this_update": answer.this_update,
+        "next_update": answer.next_update,
+        "der": der,
+    }
