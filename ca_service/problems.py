@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, g, json
+from flask import Flask, Response, g, json, request
 from werkzeug.exceptions import HTTPException
 
 from pki import errors
@@ -88,6 +88,7 @@ def register(app: Flask) -> None:
         if status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             detail = f"request body larger than {limit} bytes"
+            _drain_body()
         headers = {}
         if status == 405 and exc.response is None:
             allowed = getattr(exc, "valid_methods", None)
@@ -101,6 +102,26 @@ def register(app: Flask) -> None:
         return problem(500, "Internal Server Error", "an unexpected error occurred", "internal")
 
 
+DRAIN_LIMIT = 1 << 20
+
+
+def _drain_body() -> None:
+    """Read (and drop) an unread body up to 1 MiB, so a keep-alive client can use the
+    connection again after a 413; gunicorn would otherwise close it mid-stream."""
+    stream = request.environ.get("wsgi.input")
+    if stream is None:
+        return
+    left = DRAIN_LIMIT
+    try:
+        while left > 0:
+            chunk = stream.read(min(65536, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except OSError:
+        pass
+
+
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -108,6 +129,7 @@ _TITLES = {
     404: "Not Found",
     409: "Conflict",
     413: "Content Too Large",
+    415: "Unsupported Media Type",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
