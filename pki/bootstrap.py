@@ -25,12 +25,10 @@ from pki.durations import parse_duration
 from pki.hsm_keys import hsm_private_key
 from pki.policy import classify_names
 from pki.records import pem_of
-from pki.serials import new_serial, serial_hex
+from pki.serials import new_serial
 from pki.service import Pki, spki_der
 from pki.signer import (
-    SigningIssuer,
     build_intermediate,
-    build_ocsp_responder,
     build_root,
     ca_name,
 )
@@ -179,46 +177,10 @@ def _add_issuer(
 
 
 def _issue_ocsp_responder(pki: Pki, issuer: Issuer, report: InitReport) -> None:
-    """A delegated OCSP responder key in the HSM and its certificate, recorded first."""
+    """A delegated OCSP responder key in the HSM and its certificate."""
     label = f"ocsp-{issuer.id}-1"
-    key = _key(pki, label, "ec-p256", report)
-    public_key = key.public_key()  # type: ignore[attr-defined]
-    signer: SigningIssuer = pki.signer(issuer.id)
-    now = pki.clock.now().replace(microsecond=0)
-    subject = ca_name(pki.settings.ca.organisation, f"{pki.settings.ca.organisation} OCSP 1")
-    not_before = max(now - dt.timedelta(minutes=5), signer.certificate.not_valid_before_utc)
-    not_after = min(
-        now + parse_duration(pki.settings.ca.ocsp_ttl), signer.certificate.not_valid_after_utc
-    )
-    serial = serial_hex(new_serial())
-    spki = spki_der(public_key)
-    pki.store.insert_pending(
-        {
-            "serial": serial,
-            "issuer_id": issuer.id,
-            "subject": subject.rfc4514_string(),
-            "common_name": subject.rfc4514_string(),
-            "sans": [],
-            "profile": "ocsp-responder",
-            "requester": SYSTEM.name,
-            "public_key_sha256": hashlib.sha256(spki).hexdigest(),
-            "spki": spki,
-            "not_before": not_before,
-            "not_after": not_after,
-        }
-    )
-    cert = build_ocsp_responder(signer, public_key, subject, int(serial, 16), not_before, not_after)
-    pki.store.complete_issuance(
-        serial,
-        cert.public_bytes(serialization.Encoding.DER),
-        AuditRecord(
-            action="certificate.issue",
-            actor=SYSTEM.name,
-            subject=serial,
-            details={"profile": "ocsp-responder", "issuer": issuer.id, "key": label},
-        ),
-    )
-    pki.store.set_issuer_ocsp(issuer.id, label, serial)
+    _key(pki, label, "ec-p256", report)
+    serial = pki.issue_ocsp_responder(issuer.id, label)
     report.created.append(f"OCSP responder certificate {serial} (key {label!r} in the HSM)")
 
 

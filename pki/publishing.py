@@ -13,12 +13,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from pki.audit import AuditRecord
 from pki.durations import parse_duration
 from pki.errors import NotFound
 from pki.hsm_keys import hsm_private_key
@@ -35,7 +38,8 @@ from pki.ocsp import (
     public_key_hash,
 )
 from pki.revocation import CrlScope, build_crl_der, encode_entry
-from pki.serials import serial_hex
+from pki.serials import new_serial, serial_hex
+from pki.signer import build_ocsp_responder, ca_name
 from pki.store import Crl, Issuer, RevokedEntry
 
 if TYPE_CHECKING:
@@ -261,7 +265,7 @@ class PublishingMixin:
         """Rebuild whatever is due: base CRLs past half their validity, delta CRLs a
         debounce interval after new revocations (a burst makes one CRL) or past half their
         validity, OCSP responses about to go stale. Returns what was published."""
-        counts = {"base_crls": 0, "delta_crls": 0, "ocsp": 0}
+        counts = {"base_crls": 0, "delta_crls": 0, "ocsp": 0, "responders": 0}
         now = self.clock.now()  # type: ignore[attr-defined]
         base_half = parse_duration(self.settings.crl.validity) / 2
         delta_half = parse_duration(self.settings.crl.delta_validity) / 2
@@ -287,7 +291,10 @@ class PublishingMixin:
                     counts["base_crls"] += len(self.publish_base_crls(issuer.id, "full"))
                 if revoked_since or delta is None or delta.next_update - now < delta_half:
                     counts["delta_crls"] += len(self.publish_delta_crls(issuer.id))
-                if issuer.kind == "intermediate":
+                if issuer.kind == "intermediate" and issuer.ocsp_serial:
+                    if self._responder_due(issuer):
+                        self.issue_ocsp_responder(issuer.id)
+                        counts["responders"] += 1
                     counts["ocsp"] += self.presign_ocsp(issuer.id)
         return counts
 
@@ -312,6 +319,64 @@ class PublishingMixin:
                 key=hsm_private_key(self.hsm, issuer.ocsp_key_label),  # type: ignore[attr-defined]
             )
         return self._responders[issuer_id]
+
+    def issue_ocsp_responder(self, issuer_id: str, key_label: str | None = None) -> str:
+        """Issue (or re-issue) the delegated OCSP responder certificate of ``issuer_id``
+        for its HSM key; recorded before it is signed, like every certificate."""
+        issuer = self._issuer(issuer_id)
+        label = key_label or issuer.ocsp_key_label
+        if not label:
+            raise NotFound(f"issuer {issuer_id} has no OCSP responder key")
+        signer = self.signer(issuer_id)  # type: ignore[attr-defined]
+        public_key = hsm_private_key(self.hsm, label).public_key()  # type: ignore[attr-defined]
+        now = self.clock.now().replace(microsecond=0)  # type: ignore[attr-defined]
+        org = self.settings.ca.organisation
+        subject = ca_name(org, f"{org} OCSP {issuer_id[:8]}")
+        not_before = max(now - dt.timedelta(minutes=5), signer.certificate.not_valid_before_utc)
+        not_after = min(
+            now + parse_duration(self.settings.ca.ocsp_ttl), signer.certificate.not_valid_after_utc
+        )
+        number = new_serial()
+        serial = serial_hex(number)
+        spki = spki_of(public_key)
+        self.store.insert_pending(
+            {
+                "serial": serial,
+                "issuer_id": issuer_id,
+                "subject": subject.rfc4514_string(),
+                "common_name": None,
+                "sans": [],
+                "profile": "ocsp-responder",
+                "requester": "system",
+                "public_key_sha256": hashlib.sha256(spki).hexdigest(),
+                "spki": spki,
+                "not_before": not_before,
+                "not_after": not_after,
+                "crl_shard": self.urls.shard_of(number),
+            }
+        )
+        cert = build_ocsp_responder(signer, public_key, subject, number, not_before, not_after)
+        self.store.complete_issuance(
+            serial,
+            cert.public_bytes(Encoding.DER),
+            AuditRecord(
+                action="certificate.issue",
+                actor="system",
+                subject=serial,
+                details={"profile": "ocsp-responder", "issuer": issuer_id, "key": label},
+            ),
+        )
+        self.store.set_issuer_ocsp(issuer_id, label, serial)
+        self.issuers(refresh=True)  # type: ignore[attr-defined]
+        return serial
+
+    def _responder_due(self, issuer: Issuer) -> bool:
+        """True when the responder certificate has used two thirds of its life."""
+        responder = self.responder(issuer.id)
+        cert = responder.certificate
+        life = cert.not_valid_after_utc - cert.not_valid_before_utc
+        remaining = cert.not_valid_after_utc - self.clock.now()  # type: ignore[attr-defined]
+        return remaining < life / 3
 
     def _issuer_hashes(self) -> list[_IssuerHashes]:
         if self._ocsp_hashes is None:
@@ -415,6 +480,12 @@ class PublishingMixin:
                 saved.append(_ocsp_row(issuer_id, answer, der))
         self.store.save_ocsp_responses(saved)
         return len(saved)
+
+
+def spki_of(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined]
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _encode(entry: RevokedEntry) -> bytes:
