@@ -37,10 +37,10 @@ from pki.ocsp import (
     parse_request,
     public_key_hash,
 )
-from pki.revocation import CrlScope, build_crl_der, encode_entry
+from pki.revocation import CrlScope, build_crl_der, encode_entries
 from pki.serials import new_serial, serial_hex
 from pki.signer import build_ocsp_responder, ca_name
-from pki.store import Crl, Issuer, RevokedEntry
+from pki.store import Crl, Issuer
 
 if TYPE_CHECKING:
     from pki.config import Settings
@@ -103,10 +103,7 @@ class PublishingMixin:
         now = built_at.replace(microsecond=0)
         validity = parse_duration(self.settings.crl.validity)
         shards = self._crl_shards(issuer)
-        by_shard: dict[int, list[bytes]] = {s: [] for s in shards}
-        single = len(shards) == 1
-        for entry in self.store.revoked_entries(issuer_id, now):
-            by_shard[0 if single else entry.crl_shard % len(shards)].append(_encode(entry))
+        by_shard = encode_entries(self.store.revoked_entries(issuer_id, now), len(shards))
         published = []
         for shard in shards:
             number = self.store.next_crl_number(issuer_id)
@@ -146,17 +143,15 @@ class PublishingMixin:
         now = built_at.replace(microsecond=0)
         validity = parse_duration(self.settings.crl.delta_validity)
         shards = self._crl_shards(issuer)
-        entries = [e for e in self.store.revoked_entries(issuer_id, now)]
         published = []
         for shard in shards:
             base = self.store.latest_crl(issuer_id, shard, ("base",))
             if base is None:
                 continue
-            mine = [
-                _encode(e)
-                for e in entries
-                if (len(shards) == 1 or e.crl_shard % len(shards) == shard)
-                and e.revoked_at >= base.this_update  # whole seconds: never misses one
+            # whole seconds, like thisUpdate: an entry is never missed, at worst repeated
+            since = base.this_update
+            mine = encode_entries(self.store.revoked_entries(issuer_id, now, since), len(shards))[
+                0 if len(shards) == 1 else shard
             ]
             number = self.store.next_crl_number(issuer_id)
             der = build_crl_der(
@@ -208,7 +203,7 @@ class PublishingMixin:
         number = self.store.next_crl_number(issuer_id)
         return build_crl_der(
             self.signer(issuer_id),  # type: ignore[attr-defined]
-            [_encode(e) for e in self.store.revoked_entries(issuer_id, now)],
+            encode_entries(self.store.revoked_entries(issuer_id, now))[0],
             number,
             now,
             now + validity,
@@ -486,10 +481,6 @@ def spki_of(public_key: object) -> bytes:
     return public_key.public_bytes(  # type: ignore[attr-defined]
         Encoding.DER, PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def _encode(entry: RevokedEntry) -> bytes:
-    return encode_entry(entry.serial, entry.revoked_at, entry.reason, entry.invalidity_date)
 
 
 def _cert_id(issuer: x509.Certificate, algorithm: str, serial: int) -> CertIdRequest:

@@ -68,44 +68,85 @@ def _len(n: int) -> bytes:
     return bytes((0x80 | len(body),)) + body
 
 
-def _time(value: dt.datetime) -> bytes:
-    """UTCTime before 2050, GeneralizedTime after (RFC 5280 5.1.2.4)."""
-    value = value.astimezone(dt.UTC)
-    if value.year < 2050:
-        return b"\x17\x0d" + value.strftime("%y%m%d%H%M%SZ").encode()
-    return b"\x18\x0f" + value.strftime("%Y%m%d%H%M%SZ").encode()
-
-
-def _generalized(value: dt.datetime) -> bytes:
-    return b"\x18\x0f" + value.astimezone(dt.UTC).strftime("%Y%m%d%H%M%SZ").encode()
+def _time(value: str | dt.datetime) -> bytes:
+    """UTCTime before 2050, GeneralizedTime after (RFC 5280 5.1.2.4). A ``str`` is the
+    store's SQLite form ``YYYY-MM-DD HH:MM:SS[.ffffff]`` (UTC), sliced without parsing."""
+    if isinstance(value, str):
+        digits = value[0:4] + value[5:7] + value[8:10] + value[11:13] + value[14:16] + value[17:19]
+    else:
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC)
+        digits = f"{value.year:04d}{value.month:02d}{value.day:02d}{value.hour:02d}" + (
+            f"{value.minute:02d}{value.second:02d}"
+        )
+    if digits < "2050":
+        return b"\x17\x0d" + digits[2:].encode() + b"Z"
+    return b"\x18\x0f" + digits.encode() + b"Z"
 
 
 _REASON_EXT = {
     name: bytes.fromhex("300a0603551d1504030a01") + bytes((code,))
     for name, code in REASON_CODES.items()
+    if code
 }
-_INVALIDITY_OID = bytes.fromhex("0603551d18")
+# SEQUENCE { OID invalidityDate, OCTET STRING { GeneralizedTime (17 octets) } }
+_INVALIDITY_PREFIX = bytes.fromhex("30180603551d180411")
 
 
 def encode_entry(
-    serial_hex: str, revoked_at: dt.datetime, reason: str | None, invalidity: dt.datetime | None
+    serial_hex: str,
+    revoked_at: str | dt.datetime,
+    reason: str | None,
+    invalidity: str | dt.datetime | None,
 ) -> bytes:
     """One ``revokedCertificates`` element: serial, date, reasonCode, invalidityDate."""
     serial = bytes.fromhex(serial_hex)
     if serial[0] & 0x80:
         serial = b"\x00" + serial
-    body = b"\x02" + _len(len(serial)) + serial + _time(revoked_at)
-    exts = b""
-    if reason and reason != "unspecified":
-        exts += _REASON_EXT[reason]
+    body = b"\x02" + bytes((len(serial),)) + serial + _time(revoked_at)
+    exts = _REASON_EXT.get(reason, b"") if reason else b""
     if invalidity is not None:
-        value = _generalized(invalidity)
-        octet = b"\x04" + _len(len(value)) + value
-        inner = _INVALIDITY_OID + octet
-        exts += b"\x30" + _len(len(inner)) + inner
+        generalized = _time(invalidity)
+        if generalized[0] == 0x17:  # invalidityDate is always GeneralizedTime
+            year = generalized[2:4]
+            generalized = b"\x18\x0f" + (b"19" if year >= b"50" else b"20") + generalized[2:]
+        exts += _INVALIDITY_PREFIX + generalized
     if exts:
         body += b"\x30" + _len(len(exts)) + exts
     return b"\x30" + _len(len(body)) + body
+
+
+_DROP = str.maketrans("", "", "-: ")
+
+
+def encode_entries(
+    rows: Iterable[tuple[str, str | dt.datetime, str | None, str | dt.datetime | None, int]],
+    shards: int = 1,
+) -> list[list[bytes]]:
+    """:func:`encode_entry` for many ``(serial, revoked_at, reason, invalidity, shard)``
+    rows at once, partitioned by shard: the CRL hot loop, about 1 µs an entry."""
+    buckets: list[list[bytes]] = [[] for _ in range(max(1, shards))]
+    fromhex = bytes.fromhex
+    reason_ext = _REASON_EXT
+    for serial_hex, revoked, reason, invalidity, shard in rows:
+        if revoked.__class__ is str and invalidity is None:
+            serial = fromhex(serial_hex)
+            if serial[0] & 0x80:
+                serial = b"\x00" + serial
+            digits = revoked[:19].translate(_DROP)  # type: ignore[union-attr]
+            if digits < "2050":
+                date = b"\x17\x0d" + digits[2:].encode() + b"Z"
+            else:
+                date = b"\x18\x0f" + digits.encode() + b"Z"
+            body = b"\x02" + bytes((len(serial),)) + serial + date
+            ext = reason_ext.get(reason, b"") if reason else b""
+            if ext:
+                body += b"\x30" + bytes((len(ext),)) + ext
+            entry = b"\x30" + bytes((len(body),)) + body  # always < 128 octets here
+        else:
+            entry = encode_entry(serial_hex, revoked, reason, invalidity)
+        buckets[0 if shards <= 1 else shard % shards].append(entry)
+    return buckets
 
 
 # -- the CRL ---------------------------------------------------------------------------

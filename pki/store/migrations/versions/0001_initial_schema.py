@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 01:23:19.526703
+Create Date: 2026-11-26 01:42:17.143447
 """
 
 from __future__ import annotations
@@ -115,7 +115,16 @@ def upgrade() -> None:
         )
         batch_op.create_index(
             "ix_certificates_revoked_issuer",
-            ["issuer_id", "not_after"],
+            [
+                "issuer_id",
+                "not_after",
+                "revoked_at",
+                "serial",
+                "revocation_reason",
+                "invalidity_date",
+                "crl_shard",
+                "status",
+            ],
             unique=False,
             sqlite_where=sa.text("status = 'revoked'"),
             postgresql_where=sa.text("status = 'revoked'"),
