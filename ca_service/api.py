@@ -131,7 +131,6 @@ def ca_info() -> Response:
         }
         for i in pki.issuers().values()
     ]
-    https = pki.settings.server.public_https_url.rstrip("/")
     return jsonify(
         {
             "root": pem_of(root.der),
@@ -139,8 +138,6 @@ def ca_info() -> Response:
             "chain": pki.chain_pem(issuing.id) + pem_of(root.der),
             "issuers": issuers,
             "ocsp_url": pki.urls.ocsp(),
-            "acme_directory": f"{https}/acme/directory",
-            "est_url": f"{https}/.well-known/est/",
             "profiles": {
                 name: {
                     "default_ttl": str(pki.profiles.get(name).default_ttl),

@@ -249,8 +249,6 @@ def document() -> dict[str, Any]:
                         "chain": {"type": "string"},
                         "issuers": {"type": "array", "items": {"type": "object"}},
                         "ocsp_url": {"type": "string"},
-                        "acme_directory": {"type": "string"},
-                        "est_url": {"type": "string"},
                         "profiles": {"type": "object"},
                     },
                 },

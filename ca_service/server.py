@@ -262,8 +262,6 @@ def _announce(settings: Settings, opts: ServeOptions, announce: Callable[[str], 
             [
                 f"hsmca is serving from {opts.home}",
                 f"  REST API        {https}/api/v1/",
-                f"  ACME directory  {https}/acme/directory",
-                f"  EST             {https}/.well-known/est/",
                 f"  OCSP / CRL / CA {http}/ocsp  {http}/crl/<issuer-id>.crl",
                 f"  health, metrics {https}/healthz  {https}/metrics",
                 f"  root certificate: {opts.home / 'ca' / 'root.pem'}",
