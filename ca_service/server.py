@@ -35,6 +35,8 @@ from pki.config import Settings, load_settings
 GRACEFUL_SECONDS = 10
 PR_SET_PDEATHSIG = 1
 THREADS_PER_WORKER = 4
+#: OCSP and CRL requests are tiny and quick; more threads absorb slow clients
+HTTP_THREADS_PER_WORKER = 16
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -78,8 +80,8 @@ def gunicorn_options(
     options: dict[str, Any] = {
         "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
         "workers": workers,
-        "worker_class": "gthread",
-        "threads": THREADS_PER_WORKER,
+        "worker_class": "ca_service.workers.TimeoutThreadWorker",
+        "threads": THREADS_PER_WORKER if listener == "https" else HTTP_THREADS_PER_WORKER,
         "graceful_timeout": GRACEFUL_SECONDS,
         "timeout": 60,
         "keepalive": 15,

@@ -113,7 +113,11 @@ class PublishingMixin:
                 number,
                 now,
                 now + validity,
-                CrlScope(
+                # a root's CRL is complete for everything it signed: no IDP, no delta (the
+                # self-signed root has no CDP, so a named scope would not match it)
+                CrlScope()
+                if issuer.kind == "root"
+                else CrlScope(
                     url=self._scope_url(issuer, shard),
                     freshest_url=self._delta_url(issuer, shard),
                 ),
@@ -138,6 +142,8 @@ class PublishingMixin:
     def publish_delta_crls(self, issuer_id: str) -> list[Crl]:
         """Delta CRLs (RFC 5280 5.2.4) against each partition's current base."""
         issuer = self._issuer(issuer_id)
+        if issuer.kind == "root":
+            return []  # root CRLs are complete and small: no deltas
         signer = self.signer(issuer_id)  # type: ignore[attr-defined]
         built_at = self.clock.now()  # type: ignore[attr-defined]
         now = built_at.replace(microsecond=0)
@@ -284,7 +290,10 @@ class PublishingMixin:
                     continue  # more may follow: one CRL for the whole burst
                 if revoked_since:
                     counts["base_crls"] += len(self.publish_base_crls(issuer.id, "full"))
-                if revoked_since or delta is None or delta.next_update - now < delta_half:
+                needs_delta = issuer.kind != "root" and (
+                    delta is None or delta.next_update - now < delta_half
+                )
+                if revoked_since or needs_delta:
                     counts["delta_crls"] += len(self.publish_delta_crls(issuer.id))
                 if issuer.kind == "intermediate" and issuer.ocsp_serial:
                     if self._responder_due(issuer):
@@ -449,7 +458,9 @@ class PublishingMixin:
             answer = answers[0]
             if answer.status != "unknown":
                 self.store.save_ocsp_responses([_ocsp_row(issuer_id, answer, der)])
-            return OcspResult(der, answer.this_update, answer.next_update, True)
+            return OcspResult(
+                der, answer.this_update, answer.next_update, answer.status != "unknown"
+            )
         return OcspResult(der)
 
     def presign_ocsp(self, issuer_id: str, serials: list[str] | None = None) -> int:
@@ -473,8 +484,7 @@ class PublishingMixin:
                     continue
                 der = build_response(responder, [answer], now.replace(microsecond=0), None)
                 saved.append(_ocsp_row(issuer_id, answer, der))
-        self.store.save_ocsp_responses(saved)
-        return len(saved)
+        return self.store.save_ocsp_responses(saved)
 
 
 def spki_of(public_key: object) -> bytes:

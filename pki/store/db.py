@@ -508,13 +508,30 @@ class Store:
                 )
             )
 
-    def save_ocsp_responses(self, rows: list[dict[str, Any]]) -> None:
-        """Insert or replace pre-signed responses (one per serial and hash algorithm)."""
+    def save_ocsp_responses(self, rows: list[dict[str, Any]]) -> int:
+        """Insert or replace pre-signed responses (one per serial and hash algorithm).
+
+        A response is saved only if it still states the certificate's status at commit
+        time: a batch signed before a concurrent revocation must not put "good" back
+        over the "revoked" answer the revocation signed. Returns how many were saved."""
         if not rows:
-            return
+            return 0
+        saved = 0
         with self._tx() as s:
+            serials = {row["serial"] for row in rows}
+            current = dict(
+                s.execute(
+                    select(Certificate.serial, Certificate.status).where(
+                        Certificate.serial.in_(serials)
+                    )
+                ).all()
+            )
             for row in rows:
+                if current.get(row["serial"]) != row["status"]:
+                    continue
                 s.merge(OcspResponse(**row))
+                saved += 1
+        return saved
 
     def ocsp_response(self, serial: str, hash_algorithm: str) -> OcspResponse | None:
         with self._ro() as s:
