@@ -68,7 +68,8 @@ def test_expired_certificates_leave_the_crl(fresh_home: Path) -> None:
 
 def test_crls_and_ocsp_responses_are_rebuilt_before_they_go_stale(fresh_home: Path) -> None:
     """``publish_due`` with a frozen clock: the first run publishes a base per issuer and a
-    delta per issuing CA (a root's CRL is complete and has none); past half the delta validity (1 h) only the deltas are rebuilt; past half the
+    delta per issuing CA (a root's CRL is complete and has none); past half the delta
+    validity (1 h) only the deltas are rebuilt; past half the
     base validity (24 h) the bases too, with a later nextUpdate; OCSP responses past half
     their validity are re-signed. A published CRL never reaches its nextUpdate."""
     start = dt.datetime.now(dt.UTC).replace(microsecond=0)
