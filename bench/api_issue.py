@@ -96,9 +96,9 @@ def client(args: tuple[int, str, str, list[str], float, float, float]) -> list[f
         t = time.perf_counter()
         conn.request("POST", "/api/v1/certificates", body=body, headers=headers)
         resp = conn.getresponse()
-        resp.read()
+        body_read = resp.read()
         if resp.status != 201:
-            raise RuntimeError(f"HTTP {resp.status}")
+            raise RuntimeError(f"HTTP {resp.status}: {body_read[:300]!r}")
         latencies.append(time.perf_counter() - t)
         if time.perf_counter() - begin > seconds:
             break

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +55,8 @@ _INSERT_AUDIT = _AUDIT.insert()
 _LAST_AUDIT = select(_AUDIT.c.id, _AUDIT.c.hash).order_by(_AUDIT.c.id.desc()).limit(1)
 _PG_AUDIT_LOCK = select(func.pg_advisory_xact_lock(_AUDIT_LOCK_KEY))
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_TOKENS = ApiToken.__table__
+_TOKEN_BY_DIGEST = select(_TOKENS).where(_TOKENS.c.token_sha256 == bindparam("p_digest"))
 # Written out, not bound: SQLite uses a partial index only when the query states its
 # WHERE clause literally (a bound 'revoked' made it scan the table).
 IS_REVOKED = text("certificates.status = 'revoked'")
@@ -134,6 +139,41 @@ class Page:
     next_cursor: str | None
 
 
+class _WriterLock:
+    """Serialises SQLite writers: threads on a lock, processes on ``flock`` of a file
+    beside the database. SQLite's own busy handler sleeps 1, 2, 5 ... 100 ms between
+    retries, which made concurrent issuance slow and its p99 long; a blocked ``flock``
+    wakes the moment the holder commits. PostgreSQL (no path) needs none of this."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __enter__(self) -> None:
+        if self.path is None:
+            return
+        self._thread_lock.acquire()
+        try:
+            if self._fd is None or self._pid != os.getpid():
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                self._pid = os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is None:
+            return
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
 class _FastStatements:
     def __init__(self, dialect: Any) -> None:
         self.insert_certificate = _Compiled(
@@ -188,10 +228,12 @@ class Store:
         self.url = url
         self.clock = clock or SystemClock()
         self.is_sqlite = url.startswith("sqlite")
+        self._writers = _WriterLock(None)
         if self.is_sqlite:
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._writers = _WriterLock(Path(path + ".writelock"))
             self.engine = _sqlite_engine(url, immediate=True)
             self.read_engine = _sqlite_engine(url, immediate=False)
         else:
@@ -222,7 +264,7 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        with self._write.begin() as session:
+        with self._writers, self._write.begin() as session:
             yield session
 
     @contextmanager
@@ -270,19 +312,20 @@ class Store:
     @contextmanager
     def _raw_tx(self) -> Iterator[Any]:
         """A write transaction on a pooled driver connection (hot path only)."""
-        conn = self.engine.raw_connection()
-        try:
-            cursor = conn.cursor()
-            if self.is_sqlite:
-                cursor.execute("BEGIN IMMEDIATE")
+        with self._writers:
+            conn = self.engine.raw_connection()
             try:
-                yield cursor
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
-        finally:
-            conn.close()
+                cursor = conn.cursor()
+                if self.is_sqlite:
+                    cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    yield cursor
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.commit()
+            finally:
+                conn.close()
 
     def audit(self, record: AuditRecord) -> None:
         """Append one event on its own (for events with no other state change)."""
@@ -570,9 +613,12 @@ class Store:
         except IntegrityError:
             raise Conflict(f"a token named {token.name!r} already exists") from None
 
-    def token_by_digest(self, digest: str) -> ApiToken | None:
-        with self._ro() as s:
-            return s.execute(select(ApiToken).where(ApiToken.token_sha256 == digest)).scalar()
+    def token_by_digest(self, digest: str) -> Any:
+        """The token row (attribute access like :class:`ApiToken`) for a digest, or None.
+        Every authenticated request calls this: a Core statement on a pooled connection,
+        not an ORM session (measured: the ORM version was 13% of an issuance request)."""
+        with self.read_engine.connect() as conn:
+            return conn.execute(_TOKEN_BY_DIGEST, {"p_digest": digest}).first()
 
     def tokens(self) -> list[ApiToken]:
         with self._ro() as s:
