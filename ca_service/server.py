@@ -80,7 +80,11 @@ def gunicorn_options(
     options: dict[str, Any] = {
         "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
         "workers": workers,
-        "worker_class": "ca_service.workers.TimeoutThreadWorker",
+        # the read timeout guards the small OCSP/CRL requests against stalled clients;
+        # on the HTTPS listener it turned slow TLS body reads under load into 400s
+        "worker_class": "gthread"
+        if listener == "https"
+        else "ca_service.workers.TimeoutThreadWorker",
         "threads": THREADS_PER_WORKER if listener == "https" else HTTP_THREADS_PER_WORKER,
         "graceful_timeout": GRACEFUL_SECONDS,
         "timeout": 60,

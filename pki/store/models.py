@@ -105,8 +105,6 @@ class Certificate(Base):
     # look-ups use partial indexes that only pending or revoked rows enter.
     __table_args__ = (
         Index("ix_certificates_status_not_after", "status", "not_after"),
-        Index("ix_certificates_common_name", "common_name"),
-        Index("ix_certificates_public_key_sha256", "public_key_sha256"),
         Index(
             "ix_certificates_pending_created_at",
             "created_at",

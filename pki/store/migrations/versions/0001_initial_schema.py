@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 01:42:17.143447
+Create Date: 2026-11-26 02:26:42.858791
 """
 
 from __future__ import annotations
@@ -102,16 +102,12 @@ def upgrade() -> None:
         sa.UniqueConstraint("serial", name=op.f("uq_certificates_serial")),
     )
     with op.batch_alter_table("certificates", schema=None) as batch_op:
-        batch_op.create_index("ix_certificates_common_name", ["common_name"], unique=False)
         batch_op.create_index(
             "ix_certificates_pending_created_at",
             ["created_at"],
             unique=False,
             sqlite_where=sa.text("status = 'pending'"),
             postgresql_where=sa.text("status = 'pending'"),
-        )
-        batch_op.create_index(
-            "ix_certificates_public_key_sha256", ["public_key_sha256"], unique=False
         )
         batch_op.create_index(
             "ix_certificates_revoked_issuer",
@@ -194,13 +190,11 @@ def downgrade() -> None:
             sqlite_where=sa.text("status = 'revoked'"),
             postgresql_where=sa.text("status = 'revoked'"),
         )
-        batch_op.drop_index("ix_certificates_public_key_sha256")
         batch_op.drop_index(
             "ix_certificates_pending_created_at",
             sqlite_where=sa.text("status = 'pending'"),
             postgresql_where=sa.text("status = 'pending'"),
         )
-        batch_op.drop_index("ix_certificates_common_name")
 
     op.drop_table("certificates")
     op.drop_table("issuers")
