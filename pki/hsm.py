@@ -56,6 +56,7 @@ os.register_at_fork(
     after_in_child=PKCS11_LOCK.release,
 )
 
+TOKEN_SCAN_ATTEMPTS = 4
 KEY_SPECS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 _CURVES = {"ec-p256": ("secp256r1", ec.SECP256R1()), "ec-p384": ("secp384r1", ec.SECP384R1())}
 
@@ -92,6 +93,22 @@ _holders: dict[_HolderKey, weakref.WeakSet[Hsm]] = {}
 _parked: dict[_HolderKey, list[Any]] = {}
 #: SHA-256 of the PIN that logged in, so a later Hsm joining the login is still checked
 _pin_digests: dict[_HolderKey, bytes] = {}
+
+
+def _reload_module(path: str) -> _ModuleState:
+    """Finalize and initialize the module again (new generation; lock held)."""
+    global _generation
+    state = _modules[path]
+    state.lib.reinitialize()
+    _generation += 1
+    for stale in [k for k in (*_holders, *_parked) if k[0] == path]:
+        _holders.pop(stale, None)
+        _parked.pop(stale, None)
+    state = _ModuleState(
+        lib=state.lib, pid=state.pid, softhsm2_conf=state.softhsm2_conf, generation=_generation
+    )
+    _modules[path] = state
+    return state
 
 
 def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
@@ -160,7 +177,7 @@ class Hsm:
             return self._session
         self._forget_locked()
         try:
-            token = state.lib.get_token(token_label=self.token_label)
+            token, state = self._find_token(state)
         except p11e.NoSuchToken:
             raise HsmTokenNotFound(
                 f"no token labelled {self.token_label!r} in {self.module}"
@@ -180,6 +197,25 @@ class Hsm:
         self._generation = state.generation
         _holders.setdefault(self._holder, weakref.WeakSet()).add(self)
         return self._session
+
+    def _find_token(self, state: _ModuleState) -> tuple[Any, _ModuleState]:
+        """The token, looked for again a few times if it is missing from a freshly
+        initialised module: SoftHSM2's file store skips a token whose files another
+        process holds locked during the scan (seen in a child forked while the parent
+        signed). Lock held; a re-scan re-initialises the module for this process."""
+        fresh = not any(
+            h for h in _holders.get((self.module, self.token_label, state.generation), ())
+        )
+        attempts = TOKEN_SCAN_ATTEMPTS if fresh else 1
+        for attempt in range(attempts):
+            try:
+                return state.lib.get_token(token_label=self.token_label), state
+            except p11e.NoSuchToken:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1) * (1 + random.random()))
+                state = _reload_module(self.module)
+        raise AssertionError("unreachable")
 
     def _forget_locked(self) -> Any:
         """Drop (without closing) this object's session and key handles; return it."""
