@@ -205,6 +205,27 @@ def build_root(
     return _sign(builder, key)
 
 
+def _issued_by(
+    issuer: SigningIssuer,
+    subject: x509.Name,
+    public_key: object,
+    serial: int,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.CertificateBuilder:
+    """A builder with names, key, serial and a validity clamped into the issuer's."""
+    not_before, not_after = clamp_validity(issuer.certificate, not_before, not_after)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.certificate.subject)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+
+
 def build_intermediate(
     parent: SigningIssuer,
     public_key: object,
@@ -216,15 +237,8 @@ def build_intermediate(
     permitted_dns: tuple[str, ...] = (),
 ) -> x509.Certificate:
     """An issuing CA certificate (pathLen 0) signed by ``parent``."""
-    not_before, not_after = clamp_validity(parent.certificate, not_before, not_after)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(parent.certificate.subject)
-        .public_key(public_key)  # type: ignore[arg-type]
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _issued_by(parent, subject, public_key, serial, not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(public_key, ca=True), critical=True)
         .add_extension(_ski(public_key), critical=False)
@@ -251,15 +265,8 @@ def build_ocsp_responder(
     not_after: dt.datetime,
 ) -> x509.Certificate:
     """A delegated OCSP responder certificate: EKU OCSPSigning and id-pkix-ocsp-nocheck."""
-    not_before, not_after = clamp_validity(issuer.certificate, not_before, not_after)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.certificate.subject)
-        .public_key(public_key)  # type: ignore[arg-type]
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _issued_by(issuer, subject, public_key, serial, not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(public_key, ocsp=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
@@ -274,20 +281,18 @@ def build_end_entity(
     issuer: SigningIssuer, request: EndEntityRequest, urls: CaUrls
 ) -> x509.Certificate:
     """An end-entity certificate for ``request`` under ``issuer``, signed in the HSM."""
-    not_before, not_after = clamp_validity(
-        issuer.certificate, request.not_before, request.not_after
-    )
     sans = general_names(request.names)
     if not sans:
         raise PolicyError("a certificate needs at least one subject alternative name")
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(request.subject)
-        .issuer_name(issuer.certificate.subject)
-        .public_key(request.public_key)  # type: ignore[arg-type]
-        .serial_number(request.serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _issued_by(
+            issuer,
+            request.subject,
+            request.public_key,
+            request.serial,
+            request.not_before,
+            request.not_after,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(request.public_key), critical=True)
         .add_extension(
