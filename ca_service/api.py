@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -30,11 +29,6 @@ REVOKE_FIELDS = (Field("reason", str, max_length=64),)
 RENEW_FIELDS = (Field("csr", str),)
 
 
-def _issued(record: CertificateRecord) -> dict[str, Any]:
-    data = record.to_dict()
-    return data
-
-
 def _can_read(actor: Actor, record: CertificateRecord) -> bool:
     return actor.role in ("admin", "auditor") or record.requester == actor.name
 
@@ -49,7 +43,7 @@ def issue_certificate() -> tuple[Response, int]:
     record = core().issue(IssueRequest(body["csr"], profile, ttl, body.get("device_id")), actor)
     metrics.ISSUANCE_SECONDS.observe(time.perf_counter() - started)
     metrics.ISSUED.labels(record.profile).inc()
-    resp = jsonify(_issued(record))
+    resp = jsonify(record.to_dict())
     resp.headers["Location"] = f"/api/v1/certificates/{record.serial}"
     return resp, 201
 
@@ -107,7 +101,7 @@ def renew_certificate() -> tuple[Response, int]:
     record = core().renew(der, body.get("csr"))
     metrics.ISSUANCE_SECONDS.observe(time.perf_counter() - started)
     metrics.ISSUED.labels(record.profile).inc()
-    return jsonify(_issued(record)), 201
+    return jsonify(record.to_dict()), 201
 
 
 @api.get("/ca")

@@ -26,11 +26,12 @@ from pki.hsm_keys import hsm_private_key
 from pki.policy import classify_names
 from pki.records import pem_of
 from pki.serials import new_serial
-from pki.service import Pki, spki_der
+from pki.service import Pki
 from pki.signer import (
     build_intermediate,
     build_root,
     ca_name,
+    spki_der,
 )
 from pki.softhsm import ensure_token, is_softhsm, write_secret
 from pki.store import Issuer

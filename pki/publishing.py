@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.audit import AuditRecord
 from pki.durations import parse_duration
@@ -39,7 +39,7 @@ from pki.ocsp import (
 )
 from pki.revocation import CrlScope, build_crl_der, encode_entries
 from pki.serials import new_serial, serial_hex
-from pki.signer import build_ocsp_responder, ca_name
+from pki.signer import build_ocsp_responder, ca_name, spki_der
 from pki.store import Crl, Issuer
 
 if TYPE_CHECKING:
@@ -342,7 +342,7 @@ class PublishingMixin:
         )
         number = new_serial()
         serial = serial_hex(number)
-        spki = spki_of(public_key)
+        spki = spki_der(public_key)
         self.store.insert_pending(
             {
                 "serial": serial,
@@ -485,12 +485,6 @@ class PublishingMixin:
                 der = build_response(responder, [answer], now.replace(microsecond=0), None)
                 saved.append(_ocsp_row(issuer_id, answer, der))
         return self.store.save_ocsp_responses(saved)
-
-
-def spki_of(public_key: object) -> bytes:
-    return public_key.public_bytes(  # type: ignore[attr-defined]
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _cert_id(issuer: x509.Certificate, algorithm: str, serial: int) -> CertIdRequest:

@@ -16,7 +16,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
-    PublicFormat,
     load_der_public_key,
 )
 
@@ -50,6 +49,7 @@ from pki.signer import (
     SigningIssuer,
     build_end_entity,
     end_entity_subject,
+    spki_der,
 )
 from pki.store import CertificateQuery, Issuer, Store
 
@@ -65,12 +65,6 @@ class IssueRequest:
     profile: str
     ttl: dt.timedelta | None = None
     device_id: str | None = None
-
-
-def spki_der(public_key: object) -> bytes:
-    return public_key.public_bytes(  # type: ignore[attr-defined]
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 class Pki(AccessMixin, PublishingMixin):

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from pki.errors import PolicyError
@@ -78,6 +79,13 @@ class EndEntityRequest:
     not_before: dt.datetime
     not_after: dt.datetime
     profile: Profile
+
+
+def spki_der(public_key: object) -> bytes:
+    """DER SubjectPublicKeyInfo of a public key."""
+    return public_key.public_bytes(  # type: ignore[attr-defined]
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def signature_hash(key: HsmPrivateKey) -> hashes.HashAlgorithm:
@@ -331,9 +339,3 @@ def end_entity_subject(
     if device_id and len(device_id) <= 64:
         attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, device_id))
     return x509.Name(attrs)
-
-
-def is_supported_subject_key(public_key: object) -> bool:
-    return isinstance(
-        public_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
-    )

@@ -132,13 +132,19 @@ def free_port() -> int:
 class RunningService:
     """A real ``hsmca serve`` on loopback ports, with an admin token."""
 
-    def __init__(self, home: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        home: Path,
+        workers: int = 1,
+        https_port: int | None = None,
+        http_port: int | None = None,
+    ) -> None:
         import subprocess
 
         self.home = home
         self.root = home / "ca" / "root.pem"
-        self.https_port = free_port()
-        self.http_port = free_port()
+        self.https_port = https_port or free_port()
+        self.http_port = http_port or free_port()
         self.base = f"https://127.0.0.1:{self.https_port}"
         self.http_base = f"http://127.0.0.1:{self.http_port}"
         self.log = home / f"serve-{self.https_port}.log"

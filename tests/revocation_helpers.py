@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +23,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
-from pki.actors import operator
 from pki.bootstrap import initialise
 from pki.config import write_default_config
 from pki.service import Pki
@@ -42,38 +40,12 @@ class PinnedService(RunningService):
     ``public_http_url`` and the certificates it issues name the real listener)."""
 
     def __init__(self, home: Path, https_port: int, http_port: int, workers: int = 1) -> None:
-        self.home = home
-        self.root = home / "ca" / "root.pem"
-        self.https_port = https_port
-        self.http_port = http_port
-        self.base = f"https://127.0.0.1:{https_port}"
-        self.http_base = f"http://127.0.0.1:{http_port}"
-        self.log = home / f"serve-{https_port}.log"
-        self._log_file = self.log.open("wb")
-        self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "hsmca"),
-                "--home",
-                str(home),
-                "serve",
-                "--https-port",
-                str(https_port),
-                "--http-port",
-                str(http_port),
-                "--workers",
-                str(workers),
-            ],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
+        super().__init__(home, workers, https_port=https_port, http_port=http_port)
         with opened(home) as core:
-            self.admin_token = core.create_token("admin", None, operator("tests")).secret
             self.issuer_id = core.issuing_issuer().id
             self.root_id = core.root_issuer().id
         self.intermediate = home / "ca" / "intermediate.pem"
         self.chain = home / "ca" / "chain.pem"
-        self.wait_ready()
 
     def admin(self) -> requests.Session:
         """A requests.Session with the admin token (no proxies, our root trusted)."""
