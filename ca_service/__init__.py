@@ -1,7 +1,8 @@
 """The hsmca web service: a Flask app factory with one blueprint per protocol.
 
 ``create_app(home, listener="https")`` serves the REST API (and later ACME and EST);
-``listener="http"`` serves the plain-HTTP documents (issuer certificates, CRLs, OCSP).
+``listener="http"`` serves the plain-HTTP documents (issuer certificates, CRLs, OCSP)
+behind :mod:`ca_service.ocsp_front`, which answers pre-signed OCSP itself.
 Views only parse input, call one :mod:`pki` use-case and format the result.
 """
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from flask import Flask, Response, g, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ca_service import metrics, problems
 from ca_service.logs import configure_logging, install_request_ids
@@ -51,6 +53,10 @@ def create_app(
         from ca_service.api import api
 
         app.register_blueprint(api)
+    else:
+        # served only on the Unix socket of the OCSP front end, which states the client
+        # address in X-Forwarded-For (replacing whatever the client sent)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)  # type: ignore[method-assign]
     return app
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-from email.utils import format_datetime
 
 from flask import Blueprint, Response, request
 
@@ -18,15 +16,7 @@ OCSP_RESPONSE = "application/ocsp-response"
 def _answer(der: bytes) -> Response:
     result = core().ocsp_respond(der)
     resp = Response(result.der, mimetype=OCSP_RESPONSE)
-    if result.cacheable and result.this_update and result.next_update:
-        now = dt.datetime.now(dt.UTC)
-        max_age = max(0, int((result.next_update - now).total_seconds()))
-        resp.headers["Cache-Control"] = f"max-age={max_age}, public, no-transform, must-revalidate"
-        resp.headers["Last-Modified"] = format_datetime(result.this_update, usegmt=True)
-        resp.headers["Expires"] = format_datetime(result.next_update, usegmt=True)
-        resp.headers["ETag"] = '"' + hashlib.sha1(result.der).hexdigest() + '"'
-    else:
-        resp.headers["Cache-Control"] = "no-store"
+    resp.headers.extend(result.http_headers(dt.datetime.now(dt.UTC)))
     return resp
 
 

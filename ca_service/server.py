@@ -1,9 +1,11 @@
-"""``hsmca serve``: one supervisor, two gunicorn arbiters.
+"""``hsmca serve``: one supervisor, two gunicorn arbiters and the OCSP front end.
 
 gunicorn applies TLS to every socket of an arbiter, so the HTTPS listener (REST API,
-ACME, EST; client certificates requested but optional) and the plain-HTTP listener
-(OCSP, CRLs, CA certificates) run as two arbiters, each a child process of the
-supervisor. Workers are forked by gunicorn and build the app themselves
+ACME, EST; client certificates requested but optional) and the plain-HTTP app (OCSP,
+CRLs, CA certificates) run as two arbiters, each a child process of the supervisor. The
+plain-HTTP port belongs to :mod:`ca_service.ocsp_front`, a third child that answers
+pre-signed OCSP itself and forwards everything else to the plain-HTTP arbiter on a Unix
+socket. Workers are forked by gunicorn and build the app themselves
 (``preload_app`` off), so each opens its own database pool and PKCS#11 session.
 SIGTERM or SIGINT to the supervisor stops both gracefully.
 """
@@ -21,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -74,11 +77,10 @@ def cached_ssl_context(conf: Any, factory: Callable[[], ssl.SSLContext]) -> ssl.
     return context
 
 
-def gunicorn_options(
-    settings: Settings, listener: str, host: str, port: int, workers: int
-) -> dict[str, Any]:
+def gunicorn_options(settings: Settings, listener: str, bind: str, workers: int) -> dict[str, Any]:
+    """gunicorn settings for one listener; ``bind`` is ``host:port`` or ``unix:path``."""
     options: dict[str, Any] = {
-        "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
+        "bind": [bind],
         "workers": workers,
         # the read timeout guards the small OCSP/CRL requests against stalled clients;
         # on the HTTPS listener it turned slow TLS body reads under load into 400s
@@ -109,10 +111,10 @@ def gunicorn_options(
     return options
 
 
-def run_listener(home: Path, listener: str, host: str, port: int, workers: int) -> None:
+def run_listener(home: Path, listener: str, bind: str, workers: int) -> None:
     """Run one gunicorn arbiter in this process (the supervisor's child)."""
     settings = load_settings(home)
-    options = gunicorn_options(settings, listener, host, port, workers)
+    options = gunicorn_options(settings, listener, bind, workers)
     _Gunicorn(home, listener, options).run()
 
 
@@ -207,30 +209,28 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    run_dir = Path(tempfile.mkdtemp(prefix="hsmca-"))  # short: a socket path has <108 bytes
+    backend = run_dir / "http.sock"
+    listener = [sys.executable, "-m", "ca_service.server", "--home", str(opts.home)]
+    commands = {
+        "https": [
+            *listener,
+            *("--listener", "https", "--bind", _tcp_bind(opts.host, opts.https_port)),
+            *("--workers", str(opts.workers)),
+        ],
+        "http": [
+            *listener,
+            *("--listener", "http", "--bind", f"unix:{backend}"),
+            *("--workers", str(max(1, opts.workers // 2))),
+        ],
+        "ocsp-front": [
+            *(sys.executable, "-m", "ca_service.ocsp_front", "--home", str(opts.home)),
+            *("--host", opts.host, "--port", str(opts.http_port), "--backend", str(backend)),
+        ],
+    }
     children = {
-        name: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ca_service.server",
-                "--home",
-                str(opts.home),
-                "--listener",
-                name,
-                "--host",
-                opts.host,
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-            ],
-            env=env,
-            preexec_fn=_die_with_parent,
-        )
-        for name, port, workers in (
-            ("https", opts.https_port, opts.workers),
-            ("http", opts.http_port, max(1, opts.workers // 2)),
-        )
+        name: subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+        for name, command in commands.items()
     }
     publisher = Publisher(opts.home)
     publisher.start()
@@ -256,6 +256,7 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
             child.kill()
             child.wait()
     publisher.join(timeout=GRACEFUL_SECONDS)
+    shutil.rmtree(run_dir, ignore_errors=True)
     announce("hsmca stopped")
     return code
 
@@ -279,6 +280,10 @@ def _announce(settings: Settings, opts: ServeOptions, announce: Callable[[str], 
     )
 
 
+def _tcp_bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -287,11 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one hsmca listener (started by hsmca serve)")
     parser.add_argument("--home", required=True, type=Path)
     parser.add_argument("--listener", choices=("https", "http"), required=True)
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", required=True, type=int)
+    parser.add_argument("--bind", required=True, help="host:port or unix:path")
     parser.add_argument("--workers", required=True, type=int)
     args = parser.parse_args(argv)
-    run_listener(args.home, args.listener, args.host, args.port, args.workers)
+    run_listener(args.home, args.listener, args.bind, args.workers)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from email.utils import format_datetime
 from urllib.parse import unquote
 
 from asn1crypto import core, ocsp
@@ -62,6 +64,38 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class OcspResult:
+    """An OCSP answer and how HTTP may cache it (``cacheable`` False: signed live)."""
+
+    der: bytes
+    this_update: dt.datetime | None = None
+    next_update: dt.datetime | None = None
+    cacheable: bool = False
+
+    def http_headers(self, now: dt.datetime) -> list[tuple[str, str]]:
+        """Caching headers for the answer (RFC 5019 section 6.2): a pre-signed response
+        may be cached until its nextUpdate; one signed live, or ``unknown``, may not."""
+        return [("Cache-Control", self.cache_control(now)), *self.validator_headers()]
+
+    def cache_control(self, now: dt.datetime) -> str:
+        if not (self.cacheable and self.next_update):
+            return "no-store"
+        max_age = max(0, int((self.next_update - now).total_seconds()))
+        return f"max-age={max_age}, public, no-transform, must-revalidate"
+
+    def validator_headers(self) -> list[tuple[str, str]]:
+        """Last-Modified, Expires and ETag of a cacheable answer (none otherwise): they
+        depend on the response alone, so a server may render them once."""
+        if not (self.cacheable and self.this_update and self.next_update):
+            return []
+        return [
+            ("Last-Modified", format_datetime(self.this_update, usegmt=True)),
+            ("Expires", format_datetime(self.next_update, usegmt=True)),
+            ("ETag", '"' + hashlib.sha1(self.der).hexdigest() + '"'),
+        ]
+
+
+@dataclass(frozen=True)
 class Responder:
     """A delegated OCSP responder: certificate and HSM key."""
 
@@ -82,6 +116,21 @@ def public_key_hash(cert: x509.Certificate, algorithm: str) -> bytes:
     spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     bits = ax.PublicKeyInfo.load(spki)["public_key"].contents[1:]  # drop unused-bits octet
     return HASHES[algorithm](bits).digest()
+
+
+#: (hash algorithm, issuerNameHash, issuerKeyHash): how a CertID names its issuer
+CertIdKey = tuple[str, bytes, bytes]
+
+
+def cert_id_index(issuers: Iterable[tuple[str, bytes]]) -> dict[CertIdKey, str]:
+    """Map every CertID issuer key (each supported hash) to its issuer id, for the
+    ``(issuer_id, certificate DER)`` pairs given."""
+    index: dict[CertIdKey, str] = {}
+    for issuer_id, der in issuers:
+        cert = x509.load_der_x509_certificate(der)
+        for alg in HASHES:
+            index[(alg, issuer_name_hash(cert, alg), public_key_hash(cert, alg))] = issuer_id
+    return index
 
 
 def decode_get_path(path_part: str) -> bytes:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -28,8 +27,10 @@ from pki.hsm_keys import hsm_private_key
 from pki.ocsp import (
     HASHES,
     Answer,
+    CertIdKey,
     CertIdRequest,
     MalformedRequest,
+    OcspResult,
     Responder,
     build_response,
     error_response,
@@ -37,6 +38,7 @@ from pki.ocsp import (
     parse_request,
     public_key_hash,
 )
+from pki.ocsp_presigned import answering_issuers
 from pki.revocation import CrlScope, build_crl_der, encode_entries
 from pki.serials import new_serial, serial_hex
 from pki.signer import build_ocsp_responder, ca_name, spki_der
@@ -50,22 +52,6 @@ if TYPE_CHECKING:
 PRESIGN_BATCH = 500
 
 
-@dataclass(frozen=True)
-class OcspResult:
-    """An OCSP answer and how HTTP may cache it (``cacheable`` False: signed live)."""
-
-    der: bytes
-    this_update: dt.datetime | None = None
-    next_update: dt.datetime | None = None
-    cacheable: bool = False
-
-
-@dataclass(frozen=True)
-class _IssuerHashes:
-    issuer_id: str
-    by_hash: frozenset[tuple[str, bytes, bytes]]
-
-
 class PublishingMixin:
     """CRL and OCSP use-cases; relies on the attributes :class:`Pki` provides."""
 
@@ -76,7 +62,7 @@ class PublishingMixin:
 
     def _publishing_init(self) -> None:
         self._responders: dict[str, Responder] = {}
-        self._ocsp_hashes: list[_IssuerHashes] | None = None
+        self._ocsp_hashes: dict[CertIdKey, str] | None = None
         self._publish_lock = threading.Lock()
         self._crls: dict[str, tuple[dt.datetime, bytes]] = {}
 
@@ -382,31 +368,14 @@ class PublishingMixin:
         remaining = cert.not_valid_after_utc - self.clock.now()  # type: ignore[attr-defined]
         return remaining < life / 3
 
-    def _issuer_hashes(self) -> list[_IssuerHashes]:
-        if self._ocsp_hashes is None:
-            found = []
-            for issuer in self.issuers().values():  # type: ignore[attr-defined]
-                if issuer.kind != "intermediate" or not issuer.ocsp_serial:
-                    continue
-                cert = x509.load_der_x509_certificate(issuer.der)
-                found.append(
-                    _IssuerHashes(
-                        issuer.id,
-                        frozenset(
-                            (alg, issuer_name_hash(cert, alg), public_key_hash(cert, alg))
-                            for alg in HASHES
-                        ),
-                    )
-                )
-            self._ocsp_hashes = found
-        return self._ocsp_hashes
-
     def _issuer_for(self, item: CertIdRequest) -> str | None:
-        key = (item.hash_algorithm, item.issuer_name_hash, item.issuer_key_hash)
-        for hashes in self._issuer_hashes():
-            if key in hashes.by_hash:
-                return hashes.issuer_id
-        return None
+        if self._ocsp_hashes is None:
+            self._ocsp_hashes = answering_issuers(
+                self.issuers().values()  # type: ignore[attr-defined]
+            )
+        return self._ocsp_hashes.get(
+            (item.hash_algorithm, item.issuer_name_hash, item.issuer_key_hash)
+        )
 
     def _answer(self, issuer_id: str, item: CertIdRequest, now: dt.datetime) -> Answer:
         validity = parse_duration(self.settings.ocsp.validity)
@@ -442,7 +411,7 @@ class PublishingMixin:
         now = self.clock.now()  # type: ignore[attr-defined]
         if len(request.items) == 1 and request.nonce is None:
             item = request.items[0]
-            stored = self.store.ocsp_response(serial_hex(item.serial), item.hash_algorithm)
+            stored = self.store.presigned_ocsp(serial_hex(item.serial), item.hash_algorithm)
             if (
                 stored is not None
                 and stored.issuer_id == issuer_id

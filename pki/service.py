@@ -37,9 +37,10 @@ from pki.errors import (
 )
 from pki.hsm import Hsm
 from pki.hsm_keys import hsm_private_key
+from pki.ocsp import OcspResult
 from pki.policy import RequestedNames, parse_csr, resolve_ttl
 from pki.profiles import Profile, ProfileRegistry
-from pki.publishing import OcspResult, PublishingMixin
+from pki.publishing import PublishingMixin
 from pki.records import CertificateRecord, pem_of
 from pki.revocation import parse_reason
 from pki.serials import new_serial, parse_serial, serial_hex

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import datetime as dt
 import fcntl
+import mmap
 import os
 import threading
 from collections.abc import Iterator
@@ -56,8 +57,14 @@ _INSERT_AUDIT = _AUDIT.insert()
 _LAST_AUDIT = select(_AUDIT.c.id, _AUDIT.c.hash).order_by(_AUDIT.c.id.desc()).limit(1)
 _PG_AUDIT_LOCK = select(func.pg_advisory_xact_lock(_AUDIT_LOCK_KEY))
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+#: converted pre-signed OCSP rows remembered per CertID (reused while the row is unchanged)
+PRESIGNED_MEMO_ENTRIES = 20_000
 _TOKENS = ApiToken.__table__
 _TOKEN_BY_DIGEST = select(_TOKENS).where(_TOKENS.c.token_sha256 == bindparam("p_digest"))
+_OCSP = OcspResponse.__table__
+_PRESIGNED_OCSP = select(
+    _OCSP.c.issuer_id, _OCSP.c.this_update, _OCSP.c.next_update, _OCSP.c.der
+).where(_OCSP.c.serial == bindparam("p_serial"), _OCSP.c.hash_algorithm == bindparam("p_alg"))
 # Written out, not bound: SQLite uses a partial index only when the query states its
 # WHERE clause literally (a bound 'revoked' made it scan the table).
 IS_REVOKED = text("certificates.status = 'revoked'")
@@ -99,8 +106,14 @@ class _Compiled:
         self.constants = {
             name: bind.value for name, bind in compiled.binds.items() if bind.value is not None
         }
+        self.plain = not (self.processors or self.constants)
 
     def run(self, cursor: Any, params: dict[str, Any] | None = None) -> Any:
+        if self.plain and params is not None:  # nothing to add or convert
+            cursor.execute(
+                self.sql, params if self.order is None else [params[n] for n in self.order]
+            )
+            return cursor
         values = dict(self.constants, **(params or {}))
         for name, process in self.processors.items():
             if process is not None and name in values:
@@ -110,6 +123,54 @@ class _Compiled:
         else:
             cursor.execute(self.sql, values)
         return cursor
+
+
+@dataclass(frozen=True)
+class PresignedOcsp:
+    """A stored pre-signed OCSP response and the window it is valid in."""
+
+    issuer_id: str
+    this_update: dt.datetime
+    next_update: dt.datetime
+    der: bytes
+
+
+def _utc(value: dt.datetime | str) -> dt.datetime:
+    """A driver's datetime (``str`` on SQLite, naive ``datetime`` on PostgreSQL) as UTC."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value.replace(tzinfo=dt.UTC)
+
+
+class _WalChanges:
+    """Tells whether anything was committed to a WAL-mode SQLite database since a token
+    was taken. The WAL-index header at the start of the ``-shm`` file changes with every
+    commit (its ``iChange`` counter and ``mxFrame``; sqlite.org/walformat.html): SQLite's
+    own readers check it the same way. COMMIT returns only after the header is written,
+    so a token taken after a commit returned always differs from one taken before it."""
+
+    HEADER_BYTES = 48
+
+    def __init__(self, view: mmap.mmap) -> None:
+        self._view = view
+
+    @classmethod
+    def open(cls, url: str) -> _WalChanges | None:
+        """Watch the database at ``url``; None when it has no shared WAL index."""
+        path = url.split("///", 1)[-1]
+        try:
+            fd = os.open(path + "-shm", os.O_RDONLY)
+        except OSError:
+            return None  # in memory, or not in WAL mode
+        try:
+            return cls(mmap.mmap(fd, cls.HEADER_BYTES, prot=mmap.PROT_READ))
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+
+    def token(self) -> bytes:
+        return self._view[: self.HEADER_BYTES]
 
 
 @dataclass(frozen=True)
@@ -181,6 +242,7 @@ class _FastStatements:
         self.insert_audit = _Compiled(_INSERT_AUDIT, dialect, [c.name for c in _AUDIT.columns])
         self.last_audit = _Compiled(_LAST_AUDIT, dialect)
         self.revoked_entries = _Compiled(_REVOKED_ENTRIES, dialect)
+        self.presigned_ocsp = _Compiled(_PRESIGNED_OCSP, dialect)
         if dialect.name == "sqlite":
             # SQLite's planner prefers (status, not_after) even after ANALYZE; the covering
             # partial index reads a million entries 2.5x faster (no table look-ups)
@@ -238,6 +300,9 @@ class Store:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
             self.read_engine = self.engine
         self._fast = _FastStatements(self.engine.dialect)
+        self._presigned_memo: dict[tuple[str, str], tuple[Any, PresignedOcsp, bytes | None]] = {}
+        self._wal_changes: _WalChanges | None = None
+        self._wal_watch_tried = False
         self._local = threading.local()
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
@@ -258,6 +323,9 @@ class Store:
     def dispose(self) -> None:
         """Close pooled connections (call after fork and at shutdown)."""
         self._drop_hot_connection()
+        self._wal_changes = None
+        self._wal_watch_tried = False
+        self._presigned_memo.clear()
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
@@ -330,17 +398,39 @@ class Store:
                 raise
 
     def _hot_connection(self) -> Any:
-        local = self._local
-        if getattr(local, "conn", None) is None or local.pid != os.getpid():
-            local.conn = self.engine.raw_connection()
-            local.pid = os.getpid()
-        return local.conn
+        """This thread's own driver connection for hot-path write transactions."""
+        return self._thread_connection("writer", self.engine)
+
+    def _hot_reader(self) -> Any:
+        """This thread's own autocommit driver connection for single-statement reads."""
+        return self._thread_connection("reader", self.read_engine)
+
+    def _hot_reader_cursor(self) -> Any:
+        """A driver cursor on :meth:`_hot_reader`, kept for the thread's next read."""
+        conn = self._hot_reader()
+        held = getattr(self._local, "reader_cursor", None)
+        if held is None or held[0] is not conn:
+            held = (conn, conn.driver_connection.cursor())
+            self._local.reader_cursor = held
+        return held[1]
+
+    def _thread_connection(self, role: str, engine: Engine) -> Any:
+        held = getattr(self._local, role, None)
+        if held is None or held[1] != os.getpid():  # never use a parent's connection
+            conn = engine.raw_connection()
+            if role == "reader" and not self.is_sqlite:
+                conn.driver_connection.autocommit = True  # no transaction left open
+            held = (conn, os.getpid())
+            setattr(self._local, role, held)
+        return held[0]
 
     def _drop_hot_connection(self) -> None:
-        conn, self._local.conn = getattr(self._local, "conn", None), None
-        if conn is not None and self._local.pid == os.getpid():
-            with contextlib.suppress(Exception):
-                conn.close()
+        for role in ("writer", "reader"):
+            held = getattr(self._local, role, None)
+            setattr(self._local, role, None)
+            if held is not None and held[1] == os.getpid():
+                with contextlib.suppress(Exception):
+                    held[0].close()
 
     def audit(self, record: AuditRecord) -> None:
         """Append one event on its own (for events with no other state change)."""
@@ -591,9 +681,36 @@ class Store:
                 saved += 1
         return saved
 
-    def ocsp_response(self, serial: str, hash_algorithm: str) -> OcspResponse | None:
-        with self._ro() as s:
-            return s.get(OcspResponse, (serial, hash_algorithm))
+    def presigned_ocsp(self, serial: str, hash_algorithm: str) -> PresignedOcsp | None:
+        """The stored response for one certificate and CertID hash, if any: the OCSP hot
+        path. A response read before is returned again without a query while SQLite
+        reports no commit since (:class:`_WalChanges`); otherwise it is read on this
+        thread's own driver connection, without pool or ORM."""
+        key = (serial, hash_algorithm)
+        memo = self._presigned_memo.get(key)
+        changes = self._wal_changes
+        token = changes.token() if changes is not None else None
+        if memo is not None and token is not None and memo[2] == token:
+            return memo[1]
+        params = {"p_serial": serial, "p_alg": hash_algorithm}
+        try:
+            row = self._fast.presigned_ocsp.run(self._hot_reader_cursor(), params).fetchone()
+        except Exception:
+            self._drop_hot_connection()
+            raise
+        if self.is_sqlite and not self._wal_watch_tried:
+            self._wal_watch_tried = True  # the -shm file exists once a read has run
+            self._wal_changes = _WalChanges.open(self.url)
+        if row is None:
+            return None
+        if memo is not None and memo[0] == row:
+            found = memo[1]  # the same stored response: skip the conversions
+        else:
+            found = PresignedOcsp(row[0], _utc(row[1]), _utc(row[2]), bytes(row[3]))
+        if len(self._presigned_memo) >= PRESIGNED_MEMO_ENTRIES:
+            self._presigned_memo.clear()
+        self._presigned_memo[key] = (row, found, token)
+        return found
 
     def certificates_for_ocsp(
         self, issuer_id: str, stale_before: dt.datetime, now: dt.datetime, limit: int
