@@ -243,7 +243,7 @@ class Connection:
             self.request_started = time.monotonic() if self.buffer else None
             result = self.front.fast_answer(head, body)
             if result is not None:
-                self._send_ocsp(result, head.keep_alive)
+                self._send_ocsp(result, head)
             else:
                 self.busy = True
                 self.front.loop.create_task(self._forward(head, body))
@@ -265,8 +265,7 @@ class Connection:
         else:
             self.front.forwarded += 1
             keep_alive = head.keep_alive and response.delimited
-            ending = b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"
-            data = response.head + ending + response.body
+            data = response.head + _connection_header(head, keep_alive) + b"\r\n" + response.body
         self.busy = False
         if self.closed:
             return
@@ -276,14 +275,14 @@ class Connection:
 
     # -- responses ------------------------------------------------------------------------
 
-    def _send_ocsp(self, result: OcspResult, keep_alive: bool) -> None:
-        head = b"HTTP/1.1 200 OK\r\nDate: %s\r\nCache-Control: %s\r\n%s" % (
+    def _send_ocsp(self, result: OcspResult, request: RequestHead) -> None:
+        head = b"HTTP/1.1 200 OK\r\nDate: %s\r\nCache-Control: %s\r\n%s%s" % (
             self.front.http_date(),
             result.cache_control(_now()).encode(),
             self.front.fixed_headers(result),
+            _connection_header(request, request.keep_alive),
         )
-        if not keep_alive:
-            head += b"Connection: close\r\n"
+        if not request.keep_alive:
             self.close_after_send = True
         elif not self.nodelay:  # a response may follow a response: do not wait for ACKs
             self.nodelay = True
@@ -323,6 +322,14 @@ class Connection:
         elif self.writing and not want_write:
             loop.remove_writer(self.fd)
         self.reading, self.writing = want_read, want_write
+
+
+def _connection_header(request: RequestHead, keep_alive: bool) -> bytes:
+    """The Connection header line a response needs: ``close`` when the connection ends,
+    ``keep-alive`` when an HTTP/1.0 client's connection is kept (RFC 9112 C.2.2)."""
+    if not keep_alive:
+        return b"Connection: close\r\n"
+    return b"Connection: keep-alive\r\n" if request.version == b"HTTP/1.0" else b""
 
 
 def _now() -> dt.datetime:
