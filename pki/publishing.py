@@ -42,14 +42,15 @@ from pki.ocsp_presigned import answering_issuers
 from pki.revocation import CrlScope, build_crl_der, encode_entries
 from pki.serials import new_serial, serial_hex
 from pki.signer import build_ocsp_responder, ca_name, spki_der
-from pki.store import Crl, Issuer
+from pki.store import Certificate, Crl, Issuer
 
 if TYPE_CHECKING:
     from pki.config import Settings
     from pki.signer import CaUrls
     from pki.store import Store
 
-PRESIGN_BATCH = 500
+#: certificates pre-signed per transaction: the writer lock is held only briefly
+PRESIGN_BATCH = 100
 
 
 class PublishingMixin:
@@ -378,24 +379,12 @@ class PublishingMixin:
         )
 
     def _answer(self, issuer_id: str, item: CertIdRequest, now: dt.datetime) -> Answer:
-        validity = parse_duration(self.settings.ocsp.validity)
-        this_update = now.replace(microsecond=0)
         try:
             row = self.store.certificate(serial_hex(item.serial))
         except NotFound:
             row = None
-        if row is None or row.issuer_id != issuer_id or row.status == "pending":
-            return Answer(item, "unknown", this_update, this_update + validity)
-        if row.status == "revoked":
-            return Answer(
-                item,
-                "revoked",
-                this_update,
-                this_update + validity,
-                revoked_at=row.revoked_at.replace(microsecond=0) if row.revoked_at else None,
-                reason=row.revocation_reason,
-            )
-        return Answer(item, "good", this_update, this_update + validity)
+        validity = parse_duration(self.settings.ocsp.validity)
+        return _answer_from(row, issuer_id, item, now.replace(microsecond=0), validity)
 
     def ocsp_respond(self, request_der: bytes) -> OcspResult:
         """Answer an OCSP request (RFC 6960): pre-signed when possible, else signed now."""
@@ -441,26 +430,47 @@ class PublishingMixin:
             rows = self.store.certificates_for_ocsp(
                 issuer_id, now + validity / 2, now, PRESIGN_BATCH
             )
-            serials = [r.serial for r in rows]
+        else:
+            rows = self.store.certificates_by_serial(serials)
         issuer_cert = x509.load_der_x509_certificate(self._issuer(issuer_id).der)
+        issuer_hashes = {
+            alg: (issuer_name_hash(issuer_cert, alg), public_key_hash(issuer_cert, alg))
+            for alg in HASHES
+        }
         responder = self.responder(issuer_id)
+        this_update = now.replace(microsecond=0)
         saved = []
-        for serial in serials:
-            for alg in HASHES:
-                item = _cert_id(issuer_cert, alg, int(serial, 16))
-                answer = self._answer(issuer_id, item, now)
+        for row in rows:
+            for alg, (name_hash, key_hash) in issuer_hashes.items():
+                item = _cert_id(alg, name_hash, key_hash, int(row.serial, 16))
+                answer = _answer_from(row, issuer_id, item, this_update, validity)
                 if answer.status == "unknown":
                     continue
-                der = build_response(responder, [answer], now.replace(microsecond=0), None)
+                der = build_response(responder, [answer], this_update, None)
                 saved.append(_ocsp_row(issuer_id, answer, der))
         return self.store.save_ocsp_responses(saved)
 
 
-def _cert_id(issuer: x509.Certificate, algorithm: str, serial: int) -> CertIdRequest:
+def _answer_from(
+    row: Certificate | None,
+    issuer_id: str,
+    item: CertIdRequest,
+    this_update: dt.datetime,
+    validity: dt.timedelta,
+) -> Answer:
+    """What to state for ``item``, given its certificate row (None: never issued)."""
+    next_update = this_update + validity
+    if row is None or row.issuer_id != issuer_id or row.status == "pending":
+        return Answer(item, "unknown", this_update, next_update)
+    if row.status == "revoked":
+        revoked_at = row.revoked_at.replace(microsecond=0) if row.revoked_at else None
+        return Answer(item, "revoked", this_update, next_update, revoked_at, row.revocation_reason)
+    return Answer(item, "good", this_update, next_update)
+
+
+def _cert_id(algorithm: str, name_hash: bytes, key_hash: bytes, serial: int) -> CertIdRequest:
     from asn1crypto import ocsp
 
-    name_hash = issuer_name_hash(issuer, algorithm)
-    key_hash = public_key_hash(issuer, algorithm)
     cert_id = ocsp.CertId(
         {
             "hash_algorithm": {"algorithm": algorithm},

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from pki.der import length
 from pki.errors import InvalidInput
 from pki.signer import SigningIssuer, signature_hash
 
@@ -59,13 +60,6 @@ def parse_reason(text: str | None) -> str:
 
 
 # -- DER of the revoked-certificate entries -------------------------------------------------
-
-
-def _len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(body),)) + body
 
 
 def _time(value: str | dt.datetime) -> bytes:
@@ -112,8 +106,8 @@ def encode_entry(
             generalized = b"\x18\x0f" + (b"19" if year >= b"50" else b"20") + generalized[2:]
         exts += _INVALIDITY_PREFIX + generalized
     if exts:
-        body += b"\x30" + _len(len(exts)) + exts
-    return b"\x30" + _len(len(body)) + body
+        body += b"\x30" + length(len(exts)) + exts
+    return b"\x30" + length(len(body)) + body
 
 
 _DROP = str.maketrans("", "", "-: ")
@@ -218,7 +212,7 @@ def build_crl_der(
     )
     if body:
         tbs["revoked_certificates"] = acrl.RevokedCertificates.load(
-            b"\x30" + _len(len(body)) + body
+            b"\x30" + length(len(body)) + body
         )
     tbs_der = tbs.dump()
     signature = _sign(key, tbs_der)
