@@ -202,7 +202,8 @@ class Hsm:
         """The token, looked for again a few times if it is missing from a freshly
         initialised module: SoftHSM2's file store skips a token whose files another
         process holds locked during the scan (seen in a child forked while the parent
-        signed). Lock held; a re-scan re-initialises the module for this process."""
+        signed), or fails the scan with GeneralError (seen when four workers started at
+        once). Lock held; a re-scan re-initialises the module for this process."""
         fresh = not any(
             h for h in _holders.get((self.module, self.token_label, state.generation), ())
         )
@@ -210,7 +211,7 @@ class Hsm:
         for attempt in range(attempts):
             try:
                 return state.lib.get_token(token_label=self.token_label), state
-            except p11e.NoSuchToken:
+            except (p11e.NoSuchToken, p11e.GeneralError):
                 if attempt == attempts - 1:
                     raise
                 time.sleep(0.02 * (attempt + 1) * (1 + random.random()))

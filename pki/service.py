@@ -247,10 +247,10 @@ class Pki(AccessMixin, PublishingMixin):
             not_after=not_after.replace(microsecond=0),
             profile=profile,
         )
-        certificate = build_end_entity(issuer, request, self.urls)
+        der = build_end_entity(issuer, request, self.urls).public_bytes(Encoding.DER)
         self.store.complete_issuance(
             serial,
-            certificate.public_bytes(Encoding.DER),
+            der,
             AuditRecord(
                 action=action,
                 actor=actor.name,
@@ -276,7 +276,7 @@ class Pki(AccessMixin, PublishingMixin):
             not_after=request.not_after,
             revoked_at=None,
             revocation_reason=None,
-            certificate_pem=certificate.public_bytes(Encoding.PEM).decode(),
+            certificate_pem=pem_of(der),
             chain_pem=self.chain_pem(issuer.id),
         )
 
