@@ -14,19 +14,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import fcntl
-import mmap
 import os
-import sqlite3
 import threading
-from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, create_engine, event, func, select, text, update
+from sqlalchemy import Engine, bindparam, create_engine, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,6 +30,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from pki.audit import GENESIS, AuditRecord, StoredEvent, canonical_body, chain_hash
 from pki.clock import Clock, SystemClock
 from pki.errors import Conflict, InvalidInput, NotFound
+from pki.store.driver import (
+    Checkpointer,
+    CompiledStatement,
+    WalChanges,
+    WriterLock,
+    sqlite_engine,
+)
 from pki.store.models import ApiToken, AuditEvent, Certificate, Crl, Issuer, OcspResponse
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -86,68 +89,6 @@ _REVOKED_ENTRIES = select(
 )
 
 
-class _Compiled:
-    """A statement compiled once for a dialect, run on a DB-API cursor.
-
-    SQLAlchemy's per-execution overhead (~0.25 ms here) was most of the cost of an
-    issuance, so the hot path uses the SQL SQLAlchemy compiled, with the column types'
-    own bind processors, straight on the driver.
-    """
-
-    def __init__(self, stmt: Any, dialect: Any, columns: list[str] | None = None) -> None:
-        compiled = stmt.compile(dialect=dialect, column_keys=columns)
-        self.sql = compiled.string
-        self.order = list(compiled.positiontup or []) if compiled.positional else None
-        # the dialect's own implementation of each type: generic JSON has no processor
-        # for psycopg (a dict reached the driver unadapted), generic DateTime none for SQLite
-        processors = {
-            name: bind.type.dialect_impl(dialect).bind_processor(dialect)
-            for name, bind in compiled.binds.items()
-        }
-        # only the columns whose type converts anything (datetimes, JSON)
-        self.processors = {name: fn for name, fn in processors.items() if fn is not None}
-        self.constants = {
-            name: bind.value for name, bind in compiled.binds.items() if bind.value is not None
-        }
-        self.plain = not (self.processors or self.constants)
-        # a SELECT's rows come back as named tuples with the column types' conversions
-        columns = list(getattr(stmt, "selected_columns", ()))
-        self.row_type = (
-            namedtuple("Row", [str(c.key) for c in columns], rename=True) if columns else None  # type: ignore[misc]
-        )
-        self.converters = [
-            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
-        ]
-
-    def run(self, cursor: Any, params: dict[str, Any] | None = None) -> Any:
-        if self.plain and params is not None:  # nothing to add or convert
-            cursor.execute(
-                self.sql, params if self.order is None else [params[n] for n in self.order]
-            )
-            return cursor
-        values = dict(self.constants, **(params or {}))
-        for name, process in self.processors.items():
-            if process is not None and name in values:
-                values[name] = process(values[name])
-        if self.order is not None:
-            cursor.execute(self.sql, tuple(values[name] for name in self.order))
-        else:
-            cursor.execute(self.sql, values)
-        return cursor
-
-    def fetch_one(self, cursor: Any, params: dict[str, Any] | None = None) -> Any:
-        """The first row of a SELECT as a named tuple of converted values, or None."""
-        raw = self.run(cursor, params).fetchone()
-        if raw is None:
-            return None
-        return self.row_type(
-            *(
-                value if convert is None else convert(value)
-                for convert, value in zip(self.converters, raw, strict=True)
-            )
-        )
-
-
 @dataclass(frozen=True)
 class PresignedOcsp:
     """A stored pre-signed OCSP response and the window it is valid in."""
@@ -176,37 +117,6 @@ def _ocsp_upsert(dialect: str) -> Any:
     )
 
 
-class _WalChanges:
-    """Tells whether anything was committed to a WAL-mode SQLite database since a token
-    was taken. The WAL-index header at the start of the ``-shm`` file changes with every
-    commit (its ``iChange`` counter and ``mxFrame``; sqlite.org/walformat.html): SQLite's
-    own readers check it the same way. COMMIT returns only after the header is written,
-    so a token taken after a commit returned always differs from one taken before it."""
-
-    HEADER_BYTES = 48
-
-    def __init__(self, view: mmap.mmap) -> None:
-        self._view = view
-
-    @classmethod
-    def open(cls, url: str) -> _WalChanges | None:
-        """Watch the database at ``url``; None when it has no shared WAL index."""
-        path = url.split("///", 1)[-1]
-        try:
-            fd = os.open(path + "-shm", os.O_RDONLY)
-        except OSError:
-            return None  # in memory, or not in WAL mode
-        try:
-            return cls(mmap.mmap(fd, cls.HEADER_BYTES, prot=mmap.PROT_READ))
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
-
-    def token(self) -> bytes:
-        return self._view[: self.HEADER_BYTES]
-
-
 @dataclass(frozen=True)
 class CertificateQuery:
     """Filters for :meth:`Store.list_certificates`; ``status`` may be ``expired``."""
@@ -232,123 +142,28 @@ class Page:
     next_cursor: str | None
 
 
-class _WriterLock:
-    """Serialises SQLite writers: threads on a lock, processes on ``flock`` of a file
-    beside the database. SQLite's own busy handler sleeps 1, 2, 5 ... 100 ms between
-    retries, which made concurrent issuance slow and its p99 long; a blocked ``flock``
-    wakes the moment the holder commits. PostgreSQL (no path) needs none of this."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._thread_lock = threading.Lock()
-        self._fd: int | None = None
-        self._pid = -1
-
-    def __enter__(self) -> None:
-        if self.path is None:
-            return
-        self._thread_lock.acquire()
-        try:
-            if self._fd is None or self._pid != os.getpid():
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                self._pid = os.getpid()
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._thread_lock.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        if self.path is None:
-            return
-        try:
-            if self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._thread_lock.release()
-
-
 class _FastStatements:
     def __init__(self, dialect: Any) -> None:
-        self.insert_certificate = _Compiled(
+        self.insert_certificate = CompiledStatement(
             _INSERT_CERTIFICATE, dialect, [c.name for c in _CERTS.columns if c.name != "id"]
         )
-        self.complete_certificate = _Compiled(_COMPLETE_CERTIFICATE, dialect)
-        self.insert_audit = _Compiled(_INSERT_AUDIT, dialect, [c.name for c in _AUDIT.columns])
-        self.last_audit = _Compiled(_LAST_AUDIT, dialect)
-        self.revoked_entries = _Compiled(_REVOKED_ENTRIES, dialect)
-        self.presigned_ocsp = _Compiled(_PRESIGNED_OCSP, dialect)
-        self.token_by_digest = _Compiled(_TOKEN_BY_DIGEST, dialect)
+        self.complete_certificate = CompiledStatement(_COMPLETE_CERTIFICATE, dialect)
+        self.insert_audit = CompiledStatement(
+            _INSERT_AUDIT, dialect, [c.name for c in _AUDIT.columns]
+        )
+        self.last_audit = CompiledStatement(_LAST_AUDIT, dialect)
+        self.revoked_entries = CompiledStatement(_REVOKED_ENTRIES, dialect)
+        self.presigned_ocsp = CompiledStatement(_PRESIGNED_OCSP, dialect)
+        self.token_by_digest = CompiledStatement(_TOKEN_BY_DIGEST, dialect)
         if dialect.name == "sqlite":
             # SQLite's planner prefers (status, not_after) even after ANALYZE; the covering
             # partial index reads a million entries 2.5x faster (no table look-ups)
             self.revoked_entries.sql = self.revoked_entries.sql.replace(
                 "FROM certificates", "FROM certificates INDEXED BY ix_certificates_revoked_issuer"
             )
-        self.pg_lock = _Compiled(_PG_AUDIT_LOCK, dialect) if dialect.name == "postgresql" else None
-
-
-def _sqlite_engine(url: str, immediate: bool) -> Engine:
-    # Every transaction ends in an explicit COMMIT or ROLLBACK, so the pool need not
-    # roll back again on each check-in.
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30},
-        pool_reset_on_return=None,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        # no checkpoint inside COMMIT: it ran under the writer lock and stalled every
-        # other writer for its whole duration; _Checkpointer runs them beside the writers
-        cur.execute("PRAGMA wal_autocheckpoint=0")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine
-
-
-class _Checkpointer:
-    """Copies the SQLite WAL back into the database every ``every`` commits of this
-    process, in a background thread and in PASSIVE mode: it neither holds nor waits for
-    the writer lock, so no commit waits for it (an automatic checkpoint ran inside
-    COMMIT, under the lock: a p99 of ~1 s under steady issuance). SQLite itself
-    checkpoints when the last connection closes."""
-
-    def __init__(self, path: str, every: int = 1000) -> None:
-        self.path = path
-        self.every = every
-        self._commits = 0
-        self._running = threading.Lock()
-        self._pid = os.getpid()
-
-    def committed(self) -> None:
-        if self._pid != os.getpid():  # forked while a checkpoint ran: its lock is stale
-            self._running, self._pid = threading.Lock(), os.getpid()
-        self._commits += 1
-        if self._commits >= self.every and self._running.acquire(blocking=False):
-            self._commits = 0
-            threading.Thread(target=self._run, name="hsmca-checkpoint", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            conn = sqlite3.connect(self.path, timeout=30)
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            finally:
-                conn.close()
-        except sqlite3.Error:
-            pass  # the next round tries again; SQLite checkpoints at the last close too
-        finally:
-            self._running.release()
+        self.pg_lock = (
+            CompiledStatement(_PG_AUDIT_LOCK, dialect) if dialect.name == "postgresql" else None
+        )
 
 
 class Store:
@@ -358,23 +173,23 @@ class Store:
         self.url = url
         self.clock = clock or SystemClock()
         self.is_sqlite = url.startswith("sqlite")
-        self._writers = _WriterLock(None)
-        self._checkpoints: _Checkpointer | None = None
+        self._writers = WriterLock(None)
+        self._checkpoints: Checkpointer | None = None
         if self.is_sqlite:
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self._writers = _WriterLock(Path(path + ".writelock"))
-                self._checkpoints = _Checkpointer(path)
-            self.engine = _sqlite_engine(url, immediate=True)
-            self.read_engine = _sqlite_engine(url, immediate=False)
+                self._writers = WriterLock(Path(path + ".writelock"))
+                self._checkpoints = Checkpointer(path)
+            self.engine = sqlite_engine(url, immediate=True)
+            self.read_engine = sqlite_engine(url, immediate=False)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
             self.read_engine = self.engine
         self._fast = _FastStatements(self.engine.dialect)
         self._upsert_ocsp = _ocsp_upsert(self.engine.dialect.name)
         self._presigned_memo: dict[tuple[str, str], tuple[Any, PresignedOcsp, bytes | None]] = {}
-        self._wal_changes: _WalChanges | None = None
+        self._wal_changes: WalChanges | None = None
         self._wal_watch_tried = False
         self._local = threading.local()
         self._write = sessionmaker(self.engine, expire_on_commit=False)
@@ -768,7 +583,7 @@ class Store:
     def presigned_ocsp(self, serial: str, hash_algorithm: str) -> PresignedOcsp | None:
         """The stored response for one certificate and CertID hash, if any: the OCSP hot
         path. A response read before is returned again without a query while SQLite
-        reports no commit since (:class:`_WalChanges`); otherwise it is read on this
+        reports no commit since (:class:`WalChanges`); otherwise it is read on this
         thread's own driver connection, without pool or ORM."""
         key = (serial, hash_algorithm)
         memo = self._presigned_memo.get(key)
@@ -784,7 +599,7 @@ class Store:
             raise
         if self.is_sqlite and not self._wal_watch_tried:
             self._wal_watch_tried = True  # the -shm file exists once a read has run
-            self._wal_changes = _WalChanges.open(self.url)
+            self._wal_changes = WalChanges.open(self.url)
         if row is None:
             return None
         if memo is not None and memo[0] == row:
