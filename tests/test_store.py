@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
 
 from pki.actors import operator
+from pki.audit import AuditRecord
 from pki.clock import FrozenClock
 from pki.errors import Conflict, InvalidInput
 from pki.serials import new_serial, serial_hex
@@ -319,3 +321,39 @@ def test_two_processes_issue_into_one_sqlite_home_at_once(fresh_home: Path) -> N
         assert {e.actor for e in issue_events} >= {"operator:alpha", "operator:beta"}
     finally:
         core.close()
+
+
+def _wal_index(db_path: Path) -> tuple[int, int]:
+    """(mxFrame, nBackfill) of the WAL-index (sqlite.org/walformat.html): frames in the
+    WAL, and how many of them a checkpoint has copied back into the database file."""
+    with (db_path.parent / (db_path.name + "-shm")).open("rb") as shm:
+        header = shm.read(136)
+    return int.from_bytes(header[16:20], "little"), int.from_bytes(header[96:100], "little")
+
+
+def test_commits_never_checkpoint_and_the_background_checkpointer_does(tmp_path: Path) -> None:
+    db_path = tmp_path / "store.db"
+    store = Store(f"sqlite:///{db_path}")
+    store.upgrade()
+    try:
+        checkpoints = store._checkpoints
+        assert checkpoints is not None
+        checkpoints.every = 10**9  # none in the background yet
+        # each commit appends at least one frame: past SQLite's default automatic
+        # checkpoint at 1000 frames, which would run inside a COMMIT
+        for n in range(1200):
+            store.audit(AuditRecord(action="test.commit", actor="test", subject=str(n)))
+        frames, backfilled = _wal_index(db_path)
+        # an automatic checkpoint would have restarted the WAL (fewer frames than commits)
+        assert frames >= 1200 and backfilled == 0, "a COMMIT ran a checkpoint"
+
+        checkpoints.every = 5
+        for n in range(5):
+            store.audit(AuditRecord(action="test.commit", actor="test", subject=f"b{n}"))
+        deadline = time.monotonic() + 10
+        while _wal_index(db_path)[1] == 0:
+            assert time.monotonic() < deadline, "no background checkpoint within 10 s"
+            time.sleep(0.02)
+        assert len(list(store.audit_events())) == 1205
+    finally:
+        store.dispose()
