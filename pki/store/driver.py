@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import fcntl
 import mmap
+import operator
 import os
 import sqlite3
 import threading
 from collections import namedtuple
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,11 @@ class CompiledStatement:
             name: bind.value for name, bind in compiled.binds.items() if bind.value is not None
         }
         self.plain = not (self.processors or self.constants)
+        # bind values in positional order, picked in C (a generator cost ~10 us per insert)
+        self._positional: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
+        if self.order is not None:
+            pick = operator.itemgetter(*self.order) if self.order else (lambda _values: ())
+            self._positional = (lambda v: (pick(v),)) if len(self.order) == 1 else pick
         # a SELECT's rows come back as named tuples with the column types' conversions
         columns = list(getattr(stmt, "selected_columns", ()))
         self.row_type = (
@@ -50,19 +57,17 @@ class CompiledStatement:
         ]
 
     def run(self, cursor: Any, params: dict[str, Any] | None = None) -> Any:
+        """Execute on ``cursor`` with ``params`` (by bind name); returns the cursor."""
         if self.plain and params is not None:  # nothing to add or convert
             cursor.execute(
-                self.sql, params if self.order is None else [params[n] for n in self.order]
+                self.sql, params if self._positional is None else self._positional(params)
             )
             return cursor
         values = dict(self.constants, **(params or {}))
         for name, process in self.processors.items():
-            if process is not None and name in values:
+            if name in values:
                 values[name] = process(values[name])
-        if self.order is not None:
-            cursor.execute(self.sql, tuple(values[name] for name in self.order))
-        else:
-            cursor.execute(self.sql, values)
+        cursor.execute(self.sql, values if self._positional is None else self._positional(values))
         return cursor
 
     def fetch_one(self, cursor: Any, params: dict[str, Any] | None = None) -> Any:
