@@ -224,10 +224,11 @@ class Pki(AccessMixin, PublishingMixin):
         if not_after <= now:
             raise PolicyError("the issuing CA expires before this certificate would start")
         spki = spki_der(public_key)
+        subject_text = subject.rfc4514_string()
         serial = self._reserve_serial(
             {
                 "issuer_id": issuer.id,
-                "subject": subject.rfc4514_string(),
+                "subject": subject_text,
                 "common_name": _cn(subject),
                 "sans": names.tagged(),
                 "profile": profile.name,
@@ -267,7 +268,7 @@ class Pki(AccessMixin, PublishingMixin):
         return CertificateRecord(
             serial=serial,
             issuer_id=issuer.id,
-            subject=subject.rfc4514_string(),
+            subject=subject_text,
             sans=names.tagged(),
             profile=profile.name,
             requester=actor.name,
