@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import resource
 import signal
 import socket
 import time
@@ -58,6 +59,8 @@ KEEPALIVE_SECONDS = 15.0
 BACKEND_SECONDS = 60.0
 MAX_CONNECTIONS = 4096
 ACCEPTS_PER_WAKEUP = 64
+#: after a failed accept (out of descriptors) the listener rests this long
+ACCEPT_PAUSE_SECONDS = 0.1
 RECV_BYTES = 64 * 1024
 OCSP_RESPONSE = b"application/ocsp-response"
 RENDERED_MEMO_ENTRIES = 20_000
@@ -121,8 +124,13 @@ class Front:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: the sweep frees descriptors
+            except OSError as exc:  # EMFILE and friends: pause, or this would spin
                 log.warning("accept failed", extra={"error": exc.strerror})
+                fd = listener.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(
+                    ACCEPT_PAUSE_SECONDS, self.loop.add_reader, fd, self.accept, listener
+                )
                 return
             if len(self.connections) >= MAX_CONNECTIONS:
                 sock.close()
@@ -343,8 +351,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _raise_descriptor_limit() -> None:
+    """Allow MAX_CONNECTIONS open sockets where the hard limit permits (the usual soft
+    limit of 1024 would refuse connections long before)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CONNECTIONS + 64
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
 async def run_front(home: Path, host: str, port: int, backend: str) -> None:
     """Serve until SIGTERM or SIGINT."""
+    _raise_descriptor_limit()
     settings = load_settings(home)
     store = Store(settings.database.url, SystemClock())
     front = Front(PresignedResponses(store, SystemClock()), backend)

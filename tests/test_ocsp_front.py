@@ -659,3 +659,68 @@ def test_unknown_paths_are_forwarded_and_get_a_404_problem(
             leaves[0],
             svc.home,
         )
+
+
+# -- 9. out of file descriptors ------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_front_end_out_of_descriptors_rests_and_recovers(
+    svc: PinnedService, leaves: tuple[Leaf, Leaf], intermediate: x509.Certificate
+) -> None:
+    """More idle clients than descriptors: accept fails with EMFILE; the front end must
+    neither spin on its readable listener nor stop serving once clients leave."""
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    front = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "ca_service.ocsp_front", "--home", str(svc.home)),
+            *("--host", "127.0.0.1", "--port", str(port), "--backend", "/nonexistent.sock"),
+        ],
+        preexec_fn=few_descriptors,
+        stderr=subprocess.DEVNULL,
+    )
+    idle: list[socket.socket] = []
+    try:
+        request = post_ocsp(ocsp_request(leaves[0].cert, intermediate))
+        answer = poll(lambda: _try_exchange(port, request), SOCKET_DEADLINE_S, "front end up")
+        assert answer.status == 200 and answer.from_front
+        for _ in range(80):  # well past the 48 descriptors it may hold
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        fds = Path(f"/proc/{front.pid}/fd")
+        poll(lambda: len(list(fds.iterdir())) >= 47 or None, SOCKET_DEADLINE_S, "EMFILE")
+        before = _cpu_seconds(front.pid)
+        time.sleep(1.0)  # the measurement window
+        assert _cpu_seconds(front.pid) - before < 0.5, "the front end spun on EMFILE"
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        answer = poll(lambda: _try_exchange(port, request), SOCKET_DEADLINE_S, "recovered")
+        assert answer.status == 200 and answer.from_front
+    finally:
+        for sock in idle:
+            sock.close()
+        front.terminate()
+        front.wait(timeout=10)
+
+
+def _try_exchange(port: int, request: bytes) -> RawResponse | None:
+    try:
+        with RawClient(port) as client:
+            return client.exchange(request)
+    except OSError:
+        return None
