@@ -23,8 +23,23 @@ MAX_BODY_BYTES = 1024 * 1024
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
 )
-#: not forwarded either: the body is sent whole, and the client address is ours to state
-NOT_FORWARDED = HOP_BY_HOP | {b"expect", b"x-forwarded-for"}
+#: not forwarded either: the body is sent whole, and what the proxy states is ours alone
+NOT_FORWARDED = HOP_BY_HOP | {b"expect", b"forwarded"}
+
+
+def forwardable(name: bytes, connection_tokens: frozenset[bytes]) -> bool:
+    """Whether a request header goes on to the backend. gunicorn trusts a Unix-socket
+    peer as a proxy, so X-Forwarded-* (scheme, address) and underscore names (a
+    ``SCRIPT_NAME`` header becomes the WSGI variable) are dropped, with the hop-by-hop
+    headers and those the client's Connection header names (RFC 9110 7.6.1)."""
+    return not (
+        name in NOT_FORWARDED
+        or name in connection_tokens
+        or b"_" in name
+        or name.startswith(b"x-forwarded-")
+    )
+
+
 REASONS = {
     400: b"Bad Request",
     413: b"Content Too Large",
@@ -150,7 +165,13 @@ async def forward(backend: str, head: RequestHead, body: bytes, peer: str) -> Fo
     reader, writer = await asyncio.open_unix_connection(backend)
     try:
         lines = [b"%s %s %s" % (head.method, head.target, head.version)]
-        lines += [n + b": " + v for n, v in head.headers if n not in NOT_FORWARDED]
+        named = frozenset(
+            token.strip().lower()
+            for n, v in head.headers
+            if n == b"connection"
+            for token in v.split(b",")
+        )
+        lines += [n + b": " + v for n, v in head.headers if forwardable(n, named)]
         lines += [b"X-Forwarded-For: " + peer.encode(), b"Connection: close"]
         writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         with contextlib.suppress(ConnectionError):  # it may answer before reading all
@@ -162,13 +183,19 @@ async def forward(backend: str, head: RequestHead, body: bytes, peer: str) -> Fo
     if end < 0:
         raise ValueError("incomplete response from the backend")
     status_line, *header_lines = response[:end].split(b"\r\n")
+    body = response[end + 4 :]
     kept = [status_line]
     delimited = head.method == b"HEAD"
     for line in header_lines:
-        name = line.partition(b":")[0].strip().lower()
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
         if name in HOP_BY_HOP:
             continue
-        if name in (b"content-length", b"transfer-encoding"):
-            delimited = True
+        # a body cut short (a worker died mid-response) must end the client's connection,
+        # or its next response would be read as the rest of this one
+        if name == b"content-length":
+            delimited = head.method == b"HEAD" or value.strip() == str(len(body)).encode()
+        elif name == b"transfer-encoding":
+            delimited = body.endswith(b"0\r\n\r\n")
         kept.append(line)
-    return ForwardedResponse(b"\r\n".join(kept) + b"\r\n", response[end + 4 :], delimited)
+    return ForwardedResponse(b"\r\n".join(kept) + b"\r\n", body, delimited)

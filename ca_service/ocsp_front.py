@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import logging
 import resource
 import signal
@@ -61,6 +62,7 @@ MAX_CONNECTIONS = 4096
 ACCEPTS_PER_WAKEUP = 64
 #: after a failed accept (out of descriptors) the listener rests this long
 ACCEPT_PAUSE_SECONDS = 0.1
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RECV_BYTES = 64 * 1024
 OCSP_RESPONSE = b"application/ocsp-response"
 RENDERED_MEMO_ENTRIES = 20_000
@@ -77,6 +79,7 @@ class Front:
         self.http_date = HttpDate()
         self.answered = {b"GET": 0, b"POST": 0}
         self.forwarded = 0
+        self.tasks: set[asyncio.Task[None]] = set()
         self._counted = dict(self.answered)
         self._rendered: dict[bytes, bytes] = {}
         # the labels the Flask app uses for the same requests
@@ -100,7 +103,11 @@ class Front:
                 return None
         else:
             return None
-        result = self.presigned.answer(der)
+        try:
+            result = self.presigned.answer(der)
+        except Exception:  # the database, say: the full path answers (or says why not)
+            log.exception("pre-signed look-up failed; forwarding")
+            return None
         if result is not None:
             self.answered[head.method] += 1
         return result
@@ -124,7 +131,10 @@ class Front:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: pause, or this would spin
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES:
+                    continue  # that client is gone (ECONNABORTED ...): take the next
+                # out of descriptors or memory: rest, or the readable listener would spin
                 log.warning("accept failed", extra={"error": exc.strerror})
                 fd = listener.fileno()
                 self.loop.remove_reader(fd)
@@ -208,6 +218,10 @@ class Connection:
     def expire(self, now: float) -> None:
         if self.busy or self.closed:
             return
+        if self.out:  # sending: only a client that stopped reading is dropped
+            if now - self.last_active > KEEPALIVE_SECONDS:
+                self.close()
+            return
         started = self.request_started
         if (started is not None and now - started > REQUEST_SECONDS) or (
             started is None and now - self.last_active > KEEPALIVE_SECONDS
@@ -241,7 +255,7 @@ class Connection:
                 break
             total = head.size + head.content_length
             if len(self.buffer) < total:
-                if head.expects_continue and not self.continue_sent:
+                if head.expects_continue and head.version == b"HTTP/1.1" and not self.continue_sent:
                     self.continue_sent = True
                     self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
                 break
@@ -254,27 +268,30 @@ class Connection:
                 self._send_ocsp(result, head)
             else:
                 self.busy = True
-                self.front.loop.create_task(self._forward(head, body))
+                task = self.front.loop.create_task(self._forward(head, body))
+                self.front.tasks.add(task)  # the loop keeps only weak references
         if self.close_after_send and not self.out:
             self.close()
             return
         self._update_interest()
 
     async def _forward(self, head: RequestHead, body: bytes) -> None:
+        keep_alive = False
         try:
             response = await asyncio.wait_for(
                 forward(self.front.backend, head, body, self.peer), BACKEND_SECONDS
             )
-        except (OSError, TimeoutError, ValueError) as exc:
+        except Exception as exc:  # OSError, TimeoutError, a broken response: all a 502
             log.warning("plain-HTTP backend unavailable", extra={"error": type(exc).__name__})
             detail = "the plain-HTTP backend did not answer; retry shortly"
             data = problem_response(502, detail, self.front.http_date())
-            keep_alive = False
         else:
             self.front.forwarded += 1
             keep_alive = head.keep_alive and response.delimited
             data = response.head + _connection_header(head, keep_alive) + b"\r\n" + response.body
-        self.busy = False
+        finally:
+            self.busy = False
+            self.front.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
         if self.closed:
             return
         self.close_after_send = not keep_alive
@@ -312,6 +329,10 @@ class Connection:
         except OSError:
             self.close()
             return
+        if sent:
+            self.last_active = time.monotonic()
+            if self.request_started is not None:  # a pipelined request waited on this
+                self.request_started = self.last_active
         self.out = self.out[sent:]
         self._update_interest()
 

@@ -1,8 +1,9 @@
 """OCSP (RFC 6960, RFC 5019 profile): request parsing and response assembly.
 
 cryptography parses and builds OCSP for one certificate only, so requests are parsed
-and responses assembled with asn1crypto; the tbsResponseData is signed by the
-delegated responder's HSM key through :mod:`pki.hsm_keys`.
+with asn1crypto and responses written as DER directly (:mod:`pki.der`; structures as in
+RFC 6960 4.2.1); the tbsResponseData is signed by the delegated responder's HSM key
+through :mod:`pki.hsm_keys`.
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ def _single(answer: Answer) -> bytes:
     if answer.status == "good":
         status = b"\x80\x00"  # [0] IMPLICIT NULL
     elif answer.status == "revoked":
-        assert answer.revoked_at is not None
+        if answer.revoked_at is None:
+            raise ValueError("a revoked answer needs its revocation time")
         info = generalized_time(answer.revoked_at)
         if answer.reason and answer.reason != "unspecified":
             info += tlv(0xA0, tlv(0x0A, bytes((REASON_CODES[answer.reason],))))

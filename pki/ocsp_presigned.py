@@ -25,6 +25,8 @@ from pki.store import Issuer, Store
 ISSUER_REFRESH_SECONDS = 30.0
 #: parsed requests remembered (clients ask the same question again and again)
 PARSED_MEMO_ENTRIES = 20_000
+#: only requests this small are remembered (a plain one is ~100 bytes)
+PARSED_MEMO_MAX_BYTES = 512
 
 
 def _parse(request_der: bytes) -> tuple[CertIdKey, str] | None:
@@ -36,7 +38,7 @@ def _parse(request_der: bytes) -> tuple[CertIdKey, str] | None:
             return None
         key = (request.hash_algorithm.name, request.issuer_name_hash, request.issuer_key_hash)
         return key, serial_hex(request.serial_number)
-    except (ValueError, TypeError, NotImplementedError, KeyError):
+    except Exception:  # any parse failure (UnsupportedAlgorithm too): ask the full path
         return None
 
 
@@ -67,9 +69,10 @@ class PresignedResponses:
             parsed = _parse(request_der)
             if parsed is None:
                 return None
-            if len(self._parsed) >= PARSED_MEMO_ENTRIES:
-                self._parsed.clear()
-            self._parsed[request_der] = parsed
+            if len(request_der) <= PARSED_MEMO_MAX_BYTES:  # bound the memory it may hold
+                if len(self._parsed) >= PARSED_MEMO_ENTRIES:
+                    self._parsed.clear()
+                self._parsed[request_der] = parsed
         key, serial = parsed
         issuer_id = self._issuer_index().get(key)
         if issuer_id is None:

@@ -724,3 +724,62 @@ def _try_exchange(port: int, request: bytes) -> RawResponse | None:
             return client.exchange(request)
     except OSError:
         return None
+
+
+# -- 10. hardening found in review ---------------------------------------------------------------
+
+
+def test_a_cert_id_hash_cryptography_does_not_know_is_answered_not_dropped(
+    svc: PinnedService, leaves: tuple[Leaf, Leaf]
+) -> None:
+    """An MD5 CertID made cryptography's parser raise UnsupportedAlgorithm out of the
+    fast path: the client got nothing and waited out the keep-alive deadline."""
+    from asn1crypto import ocsp as aocsp
+
+    request = aocsp.OCSPRequest(
+        {
+            "tbs_request": {
+                "request_list": [
+                    {
+                        "req_cert": {
+                            "hash_algorithm": {"algorithm": "md5"},
+                            "issuer_name_hash": b"\0" * 16,
+                            "issuer_key_hash": b"\0" * 16,
+                            "serial_number": int(leaves[0].serial, 16),
+                        }
+                    }
+                ]
+            }
+        }
+    ).dump()
+    with RawClient(svc.http_port) as client:
+        answer = client.exchange(post_ocsp(request))
+        assert answer.status == 200
+        assert answer.headers["content-type"] == "application/ocsp-response"
+        status = ocsp.load_der_ocsp_response(answer.body).response_status
+        assert status != ocsp.OCSPResponseStatus.SUCCESSFUL
+        # and the connection still serves
+        again = client.exchange(post_ocsp(ocsp_request(leaves[0].cert, _issuer_of(svc))))
+        assert again.status == 200 and again.from_front
+
+
+def test_proxy_headers_from_clients_do_not_reach_the_app(svc: PinnedService) -> None:
+    """gunicorn trusts its Unix-socket peer as a proxy: a client's SCRIPT_NAME header
+    would have re-rooted the request path (and X-Forwarded-Proto changed its scheme)."""
+    with opened(svc.home) as core:
+        issuer_id = core.issuing_issuer().id
+        expected = core.issuer_der(issuer_id)
+    request = http_request(
+        "GET",
+        f"/ca/{issuer_id}.der",
+        headers=("SCRIPT_NAME: /ca", "X-Forwarded-Proto: https", "X-Forwarded-Host: evil.test"),
+    )
+    with RawClient(svc.http_port) as client:
+        answer = client.exchange(request)
+    assert answer.status == 200, answer.body[:200]
+    assert answer.body == expected
+
+
+def _issuer_of(svc: PinnedService) -> x509.Certificate:
+    with opened(svc.home) as core:
+        return x509.load_der_x509_certificate(core.issuer_der(core.issuing_issuer().id))

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, create_engine, func, select, text, update
+from sqlalchemy import bindparam, create_engine, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from pki.audit import GENESIS, AuditRecord, StoredEvent, canonical_body, chain_hash
 from pki.clock import Clock, SystemClock
@@ -183,9 +184,11 @@ class Store:
                 self._checkpoints = Checkpointer(path)
             self.engine = sqlite_engine(url, immediate=True)
             self.read_engine = sqlite_engine(url, immediate=False)
+            self._thread_engine = sqlite_engine(url, immediate=False, pooled=False)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
             self.read_engine = self.engine
+            self._thread_engine = create_engine(url, poolclass=NullPool)
         self._fast = _FastStatements(self.engine.dialect)
         self._upsert_ocsp = _ocsp_upsert(self.engine.dialect.name)
         self._presigned_memo: dict[tuple[str, str], tuple[Any, PresignedOcsp, bytes | None]] = {}
@@ -217,6 +220,7 @@ class Store:
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
+        self._thread_engine.dispose()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
@@ -293,11 +297,11 @@ class Store:
 
     def _hot_connection(self) -> Any:
         """This thread's own driver connection for hot-path write transactions."""
-        return self._thread_connection("writer", self.engine)
+        return self._thread_connection("writer")
 
     def _hot_reader(self) -> Any:
         """This thread's own autocommit driver connection for single-statement reads."""
-        return self._thread_connection("reader", self.read_engine)
+        return self._thread_connection("reader")
 
     def _hot_reader_cursor(self) -> Any:
         """A driver cursor on :meth:`_hot_reader`, kept for the thread's next read."""
@@ -308,10 +312,13 @@ class Store:
             self._local.reader_cursor = held
         return held[1]
 
-    def _thread_connection(self, role: str, engine: Engine) -> Any:
+    def _thread_connection(self, role: str) -> Any:
+        """A driver connection this thread keeps (hot paths). It comes from an unpooled
+        engine: held per thread, it must neither use up nor return to the shared pools
+        (a plain-HTTP worker has 16 threads; the pools hold 15 connections)."""
         held = getattr(self._local, role, None)
         if held is None or held[1] != os.getpid():  # never use a parent's connection
-            conn = engine.raw_connection()
+            conn = self._thread_engine.raw_connection()
             if role == "reader" and not self.is_sqlite:
                 conn.driver_connection.autocommit = True  # no transaction left open
             held = (conn, os.getpid())
@@ -489,6 +496,9 @@ class Store:
             cert.revoked_at = at
             cert.revocation_reason = reason
             cert.invalidity_date = invalidity_date
+            # its "good" answers go with it: until the revocation's own responses are
+            # signed (or if that fails), OCSP signs live instead of serving "good"
+            s.execute(_OCSP.delete().where(_OCSP.c.serial == serial))
             self._append_audit(s, record)
             s.flush()
             return cert
@@ -561,7 +571,9 @@ class Store:
 
         A response is saved only if it still states the certificate's status at commit
         time: a batch signed before a concurrent revocation must not put "good" back
-        over the "revoked" answer the revocation signed. Returns how many were saved."""
+        over the "revoked" answer the revocation signed. The status is read under a
+        share lock (SQLite: BEGIN IMMEDIATE already serialises writers; PostgreSQL:
+        FOR SHARE waits for a revocation's FOR UPDATE). Returns how many were saved."""
         if not rows:
             return 0
         saved = 0
@@ -569,9 +581,9 @@ class Store:
             serials = {row["serial"] for row in rows}
             current = dict(
                 s.execute(
-                    select(Certificate.serial, Certificate.status).where(
-                        Certificate.serial.in_(serials)
-                    )
+                    select(Certificate.serial, Certificate.status)
+                    .where(Certificate.serial.in_(serials))
+                    .with_for_update(read=True)
                 ).all()
             )
             keep = [row for row in rows if current.get(row["serial"]) == row["status"]]

@@ -10,12 +10,14 @@ import operator
 import os
 import sqlite3
 import threading
+import time
 from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.pool import NullPool
 
 
 class CompiledStatement:
@@ -92,26 +94,35 @@ class WalChanges:
 
     HEADER_BYTES = 48
 
-    def __init__(self, view: mmap.mmap) -> None:
-        self._view = view
+    def __init__(self, shm_path: str) -> None:
+        self._path = shm_path
+        self._view: mmap.mmap | None = None
+        self._inode = -1
 
     @classmethod
     def open(cls, url: str) -> WalChanges | None:
         """Watch the database at ``url``; None when it has no shared WAL index."""
-        path = url.split("///", 1)[-1]
-        try:
-            fd = os.open(path + "-shm", os.O_RDONLY)
-        except OSError:
-            return None  # in memory, or not in WAL mode
-        try:
-            return cls(mmap.mmap(fd, cls.HEADER_BYTES, prot=mmap.PROT_READ))
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
+        watch = cls(url.split("///", 1)[-1] + "-shm")
+        return watch if watch.token() is not None else None
 
-    def token(self) -> bytes:
-        return self._view[: self.HEADER_BYTES]
+    def token(self) -> bytes | None:
+        """The current header (with the file's identity), or None when there is no index
+        to read: the caller must then query. When the last connection closes, SQLite
+        deletes the ``-shm`` file and the next one creates another: a mapping of the old
+        file would never change again, so the inode is checked on every call (~1 us)."""
+        try:
+            inode = os.stat(self._path).st_ino
+            if inode != self._inode or self._view is None:
+                fd = os.open(self._path, os.O_RDONLY)
+                try:
+                    self._view = mmap.mmap(fd, self.HEADER_BYTES, prot=mmap.PROT_READ)
+                finally:
+                    os.close(fd)
+                self._inode = inode
+        except (OSError, ValueError):  # gone, not yet created, or too short to map
+            self._view, self._inode = None, -1
+            return None
+        return self._view[: self.HEADER_BYTES] + inode.to_bytes(8, "little")
 
 
 class WriterLock:
@@ -149,13 +160,16 @@ class WriterLock:
             self._thread_lock.release()
 
 
-def sqlite_engine(url: str, immediate: bool) -> Engine:
+def sqlite_engine(url: str, immediate: bool, pooled: bool = True) -> Engine:
+    """An engine for the SQLite file at ``url`` (WAL, our PRAGMAs on every connection);
+    ``pooled=False`` opens a fresh connection per check-out and closes it on return."""
     # Every transaction ends in an explicit COMMIT or ROLLBACK, so the pool need not
     # roll back again on each check-in.
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": 30},
         pool_reset_on_return=None,
+        **({} if pooled else {"poolclass": NullPool}),
     )
 
     @event.listens_for(engine, "connect")
@@ -167,6 +181,8 @@ def sqlite_engine(url: str, immediate: bool) -> Engine:
         # no checkpoint inside COMMIT: it ran under the writer lock and stalled every
         # other writer for its whole duration; Checkpointer runs them beside the writers
         cur.execute("PRAGMA wal_autocheckpoint=0")
+        # the WAL file is cut back to 64 MB when a checkpoint lets it restart
+        cur.execute("PRAGMA journal_size_limit=67108864")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
@@ -178,12 +194,17 @@ def sqlite_engine(url: str, immediate: bool) -> Engine:
     return engine
 
 
+#: a process checkpoints at least this often (when it commits at all)
+CHECKPOINT_SECONDS = 30.0
+
+
 class Checkpointer:
     """Copies the SQLite WAL back into the database every ``every`` commits of this
-    process, in a background thread and in PASSIVE mode: it neither holds nor waits for
-    the writer lock, so no commit waits for it (an automatic checkpoint ran inside
-    COMMIT, under the lock: a p99 of ~1 s under steady issuance). SQLite itself
-    checkpoints when the last connection closes."""
+    process (or at its first commit after CHECKPOINT_SECONDS), in a background thread
+    and in PASSIVE mode: it neither holds nor waits for the writer lock, so no commit
+    waits for it (an automatic checkpoint ran inside COMMIT, under the lock: a p99 of
+    ~1 s under steady issuance). SQLite itself checkpoints when the last connection
+    closes."""
 
     def __init__(self, path: str, every: int = 1000) -> None:
         self.path = path
@@ -191,13 +212,17 @@ class Checkpointer:
         self._commits = 0
         self._running = threading.Lock()
         self._pid = os.getpid()
+        self._last_run = time.monotonic()
 
     def committed(self) -> None:
         if self._pid != os.getpid():  # forked while a checkpoint ran: its lock is stale
             self._running, self._pid = threading.Lock(), os.getpid()
         self._commits += 1
-        if self._commits >= self.every and self._running.acquire(blocking=False):
-            self._commits = 0
+        due = self._commits >= self.every or (
+            time.monotonic() - self._last_run > CHECKPOINT_SECONDS  # a quiet process too
+        )
+        if due and self._running.acquire(blocking=False):
+            self._commits, self._last_run = 0, time.monotonic()
             threading.Thread(target=self._run, name="hsmca-checkpoint", daemon=True).start()
 
     def _run(self) -> None:
