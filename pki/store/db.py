@@ -214,6 +214,8 @@ class Store:
     def dispose(self) -> None:
         """Close pooled connections (call after fork and at shutdown)."""
         self._drop_hot_connection()
+        if self._wal_changes is not None:
+            self._wal_changes.close()
         self._wal_changes = None
         self._wal_watch_tried = False
         self._presigned_memo.clear()

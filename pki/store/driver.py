@@ -90,39 +90,42 @@ class WalChanges:
     was taken. The WAL-index header at the start of the ``-shm`` file changes with every
     commit (its ``iChange`` counter and ``mxFrame``; sqlite.org/walformat.html): SQLite's
     own readers check it the same way. COMMIT returns only after the header is written,
-    so a token taken after a commit returned always differs from one taken before it."""
+    so a token taken after a commit returned always differs from one taken before it.
+
+    The watch keeps a connection of its own open: SQLite deletes the ``-shm`` file when
+    the last connection closes and the next one creates another, which a mapping of the
+    old file would never see; while this connection lives, the file stays."""
 
     HEADER_BYTES = 48
 
-    def __init__(self, shm_path: str) -> None:
-        self._path = shm_path
-        self._view: mmap.mmap | None = None
-        self._inode = -1
+    def __init__(self, pin: sqlite3.Connection, view: mmap.mmap) -> None:
+        self._pin = pin
+        self._view = view
 
     @classmethod
     def open(cls, url: str) -> WalChanges | None:
         """Watch the database at ``url``; None when it has no shared WAL index."""
-        watch = cls(url.split("///", 1)[-1] + "-shm")
-        return watch if watch.token() is not None else None
-
-    def token(self) -> bytes | None:
-        """The current header (with the file's identity), or None when there is no index
-        to read: the caller must then query. When the last connection closes, SQLite
-        deletes the ``-shm`` file and the next one creates another: a mapping of the old
-        file would never change again, so the inode is checked on every call (~1 us)."""
+        path = url.split("///", 1)[-1]
         try:
-            inode = os.stat(self._path).st_ino
-            if inode != self._inode or self._view is None:
-                fd = os.open(self._path, os.O_RDONLY)
-                try:
-                    self._view = mmap.mmap(fd, self.HEADER_BYTES, prot=mmap.PROT_READ)
-                finally:
-                    os.close(fd)
-                self._inode = inode
-        except (OSError, ValueError):  # gone, not yet created, or too short to map
-            self._view, self._inode = None, -1
+            pin = sqlite3.connect(path, timeout=30, check_same_thread=False)
+            pin.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # maps the index
+            fd = os.open(path + "-shm", os.O_RDONLY)
+        except (OSError, sqlite3.Error):
+            return None  # in memory, or not in WAL mode
+        try:
+            return cls(pin, mmap.mmap(fd, cls.HEADER_BYTES, prot=mmap.PROT_READ))
+        except (OSError, ValueError):
+            pin.close()
             return None
-        return self._view[: self.HEADER_BYTES] + inode.to_bytes(8, "little")
+        finally:
+            os.close(fd)
+
+    def token(self) -> bytes:
+        return self._view[: self.HEADER_BYTES]
+
+    def close(self) -> None:
+        self._view.close()
+        self._pin.close()
 
 
 class WriterLock:
