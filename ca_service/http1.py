@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from email.utils import format_datetime
 
 MAX_HEAD_BYTES = 16 * 1024
-#: bodies beyond this are refused (413) without being read or forwarded
-MAX_BODY_BYTES = 1024 * 1024
 #: hop-by-hop headers (RFC 9110 7.6.1) are not forwarded
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
@@ -106,8 +104,6 @@ def parse_head(buffer: bytearray) -> RequestHead | None:
             expect = value.lower()
         headers.append((name, value))
     length = length or 0
-    if length > MAX_BODY_BYTES:
-        raise BadRequest(413, f"request body over {MAX_BODY_BYTES} bytes")
     if version == b"HTTP/1.1":
         keep_alive = b"close" not in connection
     else:

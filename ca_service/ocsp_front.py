@@ -65,6 +65,8 @@ ACCEPT_PAUSE_SECONDS = 0.1
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RECV_BYTES = 64 * 1024
 OCSP_RESPONSE = b"application/ocsp-response"
+#: other bodies beyond this are refused (413) unread: the plain-HTTP app takes no more
+MAX_BODY_BYTES = 64 * 1024
 RENDERED_MEMO_ENTRIES = 20_000
 
 
@@ -88,13 +90,14 @@ class Front:
             b"POST": REQUESTS.labels("/ocsp", "POST", "200"),
         }
 
+    @staticmethod
+    def is_ocsp_post(head: RequestHead) -> bool:
+        return head.method == b"POST" and head.target.split(b"?", 1)[0] in (b"/ocsp", b"/ocsp/")
+
     def fast_answer(self, head: RequestHead, body: bytes) -> OcspResult | None:
-        """The pre-signed answer to an OCSP request (malformedRequest for an oversized
-        one), or None: forward it."""
+        """The pre-signed answer to an OCSP request, or None: forward it."""
         path = head.target.split(b"?", 1)[0]
-        if head.method == b"POST" and path in (b"/ocsp", b"/ocsp/"):
-            if len(body) > MAX_REQUEST_BYTES:
-                return OcspResult(error_response("malformed_request"))
+        if self.is_ocsp_post(head):
             der = body
         elif head.method == b"GET" and path.startswith(b"/ocsp/"):
             try:
@@ -183,6 +186,7 @@ class Connection:
         self.busy = False  # a request is being forwarded
         self.closed = self.close_after_send = False
         self.continue_sent = self.nodelay = False
+        self.discarding = 0  # bytes of a refused body still to be read and dropped
         self.last_active = time.monotonic()
         self.request_started: float | None = None
 
@@ -202,7 +206,13 @@ class Connection:
             return
         now = time.monotonic()
         self.last_active = now
-        if self.request_started is None:
+        if self.discarding:  # the rest of an oversized body
+            dropped = min(len(data), self.discarding)
+            self.discarding -= dropped
+            data = data[dropped:]
+            if self.discarding:
+                return
+        if self.request_started is None and (data or self.buffer):
             self.request_started = now
         self.buffer += data
         self._process()
@@ -253,6 +263,14 @@ class Connection:
                 break
             if head is None:
                 break
+            if head.content_length > MAX_REQUEST_BYTES and self.front.is_ocsp_post(head):
+                self._refuse_oversized_ocsp(head)
+                continue
+            if head.content_length > MAX_BODY_BYTES:
+                detail = f"request body over {MAX_BODY_BYTES} bytes"
+                self._send(problem_response(413, detail, self.front.http_date()))
+                self.close_after_send = True
+                break
             total = head.size + head.content_length
             if len(self.buffer) < total:
                 if head.expects_continue and head.version == b"HTTP/1.1" and not self.continue_sent:
@@ -274,6 +292,16 @@ class Connection:
             self.close()
             return
         self._update_interest()
+
+    def _refuse_oversized_ocsp(self, head: RequestHead) -> None:
+        """malformedRequest (RFC 6960 appendix A: no request is that large) at once; the
+        body is discarded as it arrives instead of being buffered, and the connection
+        goes on with whatever follows it."""
+        del self.buffer[: head.size]
+        dropped = min(len(self.buffer), head.content_length)
+        del self.buffer[:dropped]
+        self.discarding = head.content_length - dropped
+        self._send_ocsp(OcspResult(error_response("malformed_request")), head)
 
     async def _forward(self, head: RequestHead, body: bytes) -> None:
         keep_alive = False

@@ -448,11 +448,11 @@ FRONT_ERRORS = {
         + b"5\r\nhello\r\n0\r\n\r\n",
         501,
     ),
-    "body-over-1mib": (
+    "body-over-64kib": (
         http_request(
             "POST",
-            "/ocsp",
-            headers=(f"Content-Type: {OCSP_REQUEST}", f"Content-Length: {1024 * 1024 + 1}"),
+            "/crl/whatever.crl",
+            headers=("Content-Type: application/octet-stream", f"Content-Length: {64 * 1024 + 1}"),
         ),
         413,
     ),
@@ -466,7 +466,7 @@ def test_front_end_errors_are_problem_json_and_close_the_connection(
     svc: PinnedService, leaves: tuple[Leaf, Leaf], intermediate: x509.Certificate, case: str
 ) -> None:
     """431 (head over 16 KiB, finished or not), 501 (chunked), 413 (Content-Length over
-    1 MiB), 400 (garbage request line): problem+json from the front end itself, with
+    64 KiB, not to /ocsp), 400 (garbage request line): problem+json from the front end itself, with
     ``Connection: close``, and the socket closed. A new connection is served normally."""
     request, status = FRONT_ERRORS[case]
     with RawClient(svc.http_port) as conn:
@@ -783,3 +783,24 @@ def test_proxy_headers_from_clients_do_not_reach_the_app(svc: PinnedService) -> 
 def _issuer_of(svc: PinnedService) -> x509.Certificate:
     with opened(svc.home) as core:
         return x509.load_der_x509_certificate(core.issuer_der(core.issuing_issuer().id))
+
+
+def test_a_huge_ocsp_body_is_malformed_at_once_and_discarded_not_buffered(
+    svc: PinnedService, leaves: tuple[Leaf, Leaf], intermediate: x509.Certificate
+) -> None:
+    """A POST /ocsp announcing 8 MiB is answered malformedRequest before its body is
+    sent; the body is then read and dropped, and the same connection serves on."""
+    size = 8 * 1024 * 1024
+    head = http_request(
+        "POST", "/ocsp", headers=(f"Content-Type: {OCSP_REQUEST}", f"Content-Length: {size}")
+    )
+    with RawClient(svc.http_port) as client:
+        answer = client.exchange(head)
+        assert answer.status == 200 and answer.from_front
+        status = ocsp.load_der_ocsp_response(answer.body).response_status
+        assert status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        chunk = b"\0" * 65536
+        for _ in range(size // len(chunk)):
+            client.sock.sendall(chunk)
+        again = client.exchange(post_ocsp(ocsp_request(leaves[0].cert, intermediate)))
+        assert_good_presigned(again, leaves[0], svc.home)
