@@ -7,7 +7,8 @@ plain-HTTP port belongs to :mod:`ca_service.ocsp_front`, a third child that answ
 pre-signed OCSP itself and forwards everything else to the plain-HTTP arbiter on a Unix
 socket. Workers are forked by gunicorn and build the app themselves
 (``preload_app`` off), so each opens its own database pool and PKCS#11 session.
-SIGTERM or SIGINT to the supervisor stops both gracefully.
+SIGTERM or SIGINT to the supervisor stops all three gracefully. The Unix socket lives in a
+private (0700) temporary directory, so nothing but the front end reaches that app.
 """
 
 from __future__ import annotations
