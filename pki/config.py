@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +272,10 @@ def _section(cls: type, data: dict[str, Any], name: str) -> Any:
         raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
     kwargs = {}
     for key, value in data.items():
-        default = cls.__dataclass_fields__[key].default
+        spec = cls.__dataclass_fields__[key]
+        default = spec.default
+        if default is MISSING and spec.default_factory is not MISSING:
+            default = spec.default_factory()  # a computed default has the field's type too
         if isinstance(default, tuple):
             if isinstance(value, str):
                 value = [value]

@@ -130,12 +130,13 @@ def free_port() -> int:
 
 
 class RunningService:
-    """A real ``hsmca serve`` on loopback ports, with an admin token."""
+    """A real ``hsmca serve`` on loopback ports, with an admin token (``workers=None``:
+    the configured number)."""
 
     def __init__(
         self,
         home: Path,
-        workers: int = 1,
+        workers: int | None = 1,
         https_port: int | None = None,
         http_port: int | None = None,
     ) -> None:
@@ -159,8 +160,7 @@ class RunningService:
                 str(self.https_port),
                 "--http-port",
                 str(self.http_port),
-                "--workers",
-                str(workers),
+                *(() if workers is None else ("--workers", str(workers))),
             ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
