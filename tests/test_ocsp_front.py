@@ -804,3 +804,60 @@ def test_a_huge_ocsp_body_is_malformed_at_once_and_discarded_not_buffered(
             client.sock.sendall(chunk)
         again = client.exchange(post_ocsp(ocsp_request(leaves[0].cert, intermediate)))
         assert_good_presigned(again, leaves[0], svc.home)
+
+
+def test_a_backend_response_cut_short_ends_the_client_connection(svc: PinnedService) -> None:
+    """A worker that dies mid-body: the short body is passed on and the connection
+    closed, so the client cannot read the next response as the rest of this one."""
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+
+    from tests.conftest import free_port
+
+    directory = Path(tempfile.mkdtemp(prefix="hsmca-t-"))  # a socket path has < 108 bytes
+    backend_path = str(directory / "backend.sock")
+    backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    backend.bind(backend_path)
+    backend.listen(4)
+
+    def serve_truncated() -> None:
+        conn, _ = backend.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+
+    thread = threading.Thread(target=serve_truncated, daemon=True)
+    thread.start()
+    port = free_port()
+    front = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "ca_service.ocsp_front", "--home", str(svc.home)),
+            *("--host", "127.0.0.1", "--port", str(port), "--backend", backend_path),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def connected() -> socket.socket | None:
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=SOCKET_DEADLINE_S)
+            except OSError:
+                return None
+
+        client = poll(connected, SOCKET_DEADLINE_S, "front end up")
+        with client:
+            client.sendall(http_request("GET", "/crl/anything.crl"))
+            received = b""
+            while chunk := client.recv(65536):  # ends only when the front end closes
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), received[:200]
+        assert b"connection: close" in head.lower()
+        assert body == b"x" * 10
+    finally:
+        front.terminate()
+        front.wait(timeout=10)
+        backend.close()
+        thread.join(timeout=5)
