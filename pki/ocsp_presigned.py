@@ -10,6 +10,7 @@ verdict, so this path cannot say anything the full responder would not.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Iterable
 
@@ -40,6 +41,18 @@ def _parse(request_der: bytes) -> tuple[CertIdKey, str] | None:
         return key, serial_hex(request.serial_number)
     except Exception:  # any parse failure (UnsupportedAlgorithm too): ask the full path
         return None
+
+
+def stored_answer(
+    store: Store, issuer_id: str, serial: str, hash_algorithm: str, now: dt.datetime
+) -> OcspResult | None:
+    """The pre-signed answer stored for one CertID of ``issuer_id``, if valid at ``now``."""
+    stored = store.presigned_ocsp(serial, hash_algorithm)
+    if stored is None or stored.issuer_id != issuer_id:
+        return None
+    if not stored.this_update <= now < stored.next_update:
+        return None
+    return OcspResult(stored.der, stored.this_update, stored.next_update, True)
 
 
 def answering_issuers(issuers: Iterable[Issuer]) -> dict[CertIdKey, str]:
@@ -77,13 +90,7 @@ class PresignedResponses:
         issuer_id = self._issuer_index().get(key)
         if issuer_id is None:
             return None
-        stored = self.store.presigned_ocsp(serial, key[0])
-        if stored is None or stored.issuer_id != issuer_id:
-            return None
-        now = self.clock.now()
-        if not stored.this_update <= now < stored.next_update:
-            return None
-        return OcspResult(stored.der, stored.this_update, stored.next_update, True)
+        return stored_answer(self.store, issuer_id, serial, key[0], self.clock.now())
 
     def _issuer_index(self) -> dict[CertIdKey, str]:
         if time.monotonic() - self._issuers_read_at > ISSUER_REFRESH_SECONDS:

@@ -38,7 +38,7 @@ from pki.ocsp import (
     parse_request,
     public_key_hash,
 )
-from pki.ocsp_presigned import answering_issuers
+from pki.ocsp_presigned import answering_issuers, stored_answer
 from pki.revocation import CrlScope, build_crl_der, encode_entries
 from pki.serials import new_serial, serial_hex
 from pki.signer import build_ocsp_responder, ca_name, spki_der
@@ -400,14 +400,11 @@ class PublishingMixin:
         now = self.clock.now()  # type: ignore[attr-defined]
         if len(request.items) == 1 and request.nonce is None:
             item = request.items[0]
-            stored = self.store.presigned_ocsp(serial_hex(item.serial), item.hash_algorithm)
-            if (
-                stored is not None
-                and stored.issuer_id == issuer_id
-                and stored.next_update > now
-                and stored.this_update <= now
-            ):
-                return OcspResult(stored.der, stored.this_update, stored.next_update, True)
+            stored = stored_answer(
+                self.store, issuer_id, serial_hex(item.serial), item.hash_algorithm, now
+            )
+            if stored is not None:
+                return stored
         answers = [self._answer(issuer_id, item, now) for item in request.items]
         der = build_response(
             self.responder(issuer_id), answers, now.replace(microsecond=0), request.nonce

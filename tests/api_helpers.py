@@ -170,7 +170,7 @@ def spki(cert_or_key: Any) -> bytes:
     )
 
 
-def poll(fn: Callable[[], T | None], deadline_s: float, what: str, every: float = 0.2) -> T:
+def poll(fn: Callable[[], T | None], deadline_s: float, what: str, every: float = 0.05) -> T:
     """Call ``fn`` until it returns neither None nor False, or the deadline passes (then
     fail). (Not plain truthiness: a 4xx ``requests.Response`` is falsy.)"""
     deadline = time.monotonic() + deadline_s

@@ -8,11 +8,13 @@ import datetime as dt
 import importlib
 import io
 import json
+import re
 import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -26,6 +28,19 @@ from tests.conftest import build_csr
 VENV_BIN = Path(sys.executable).parent
 
 PROFILES = ("mtls-server", "mtls-client", "mtls", "device")
+
+#: one request per profile, FQDN names only (pkilint refuses single-label dNSNames)
+REQUESTS: dict[str, dict[str, Any]] = {
+    "mtls-server": {"cn": "app.svc.test", "sans": ("app.svc.test",)},
+    "mtls-client": {"cn": "client.svc.test", "sans": ("client.svc.test",)},
+    "mtls": {"cn": "both.svc.test", "sans": ("both.svc.test", "10.0.0.7")},
+    "device": {"cn": None, "sans": (), "serial_number": "dev-0001"},
+}
+
+#: RFC 3986 URI: scheme ":" then only unreserved, sub-delims, ":", "@", "/", "?", "%XX"
+RFC3986_URI = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*:([A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})+"
+)
 
 
 @dataclass(frozen=True)

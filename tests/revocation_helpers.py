@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +23,7 @@ from cryptography.x509 import ocsp
 
 from pki.bootstrap import initialise
 from pki.config import write_default_config
-from pki.service import Pki
+from tests.api_helpers import opened, poll
 from tests.conftest import RunningService, build_csr, free_port
 
 TIMEOUT = 20
@@ -77,28 +75,6 @@ def start_pinned_service(directory: Path) -> PinnedService:
     with opened(home) as core:
         server = core.settings.server
     return PinnedService(home, server.https_port, server.http_port)
-
-
-@contextmanager
-def opened(home: Path) -> Iterator[Pki]:
-    """The core on ``home``, closed afterwards."""
-    core = Pki.open(home)
-    try:
-        yield core
-    finally:
-        core.close()
-
-
-def poll(fn: Callable[[], T | None], deadline_s: float, what: str, every: float = 0.05) -> T:
-    """Call ``fn`` until it returns something other than None/False; fail at the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        result = fn()
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
-        time.sleep(every)  # polling interval, bounded by the deadline
 
 
 # -- certificates through the REST API -----------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import re
 import socket
 import ssl
 import subprocess
@@ -36,6 +35,8 @@ from pki.service import IssueRequest, Pki
 from tests.conftest import build_csr
 from tests.issuance_helpers import (
     PROFILES,
+    REQUESTS,
+    RFC3986_URI,
     Issued,
     ca_certificate,
     issue,
@@ -59,19 +60,6 @@ EXPECTED: dict[str, tuple[list[x509.ObjectIdentifier], dt.timedelta, dt.timedelt
     ),
     "device": ([ExtendedKeyUsageOID.CLIENT_AUTH], 7 * DAY, 90 * DAY),
 }
-
-#: FQDN names per profile (pkilint flags single-label names such as localhost)
-REQUESTS: dict[str, dict[str, Any]] = {
-    "mtls-server": {"cn": "app.svc.test", "sans": ("app.svc.test",)},
-    "mtls-client": {"cn": "client.svc.test", "sans": ("client.svc.test",)},
-    "mtls": {"cn": "both.svc.test", "sans": ("both.svc.test", "10.0.0.7")},
-    "device": {"cn": None, "sans": (), "serial_number": "dev-0001"},
-}
-
-#: RFC 3986 URI: scheme ":" then only unreserved, sub-delims, ":", "@", "/", "?", "%XX"
-RFC3986_URI = re.compile(
-    r"[A-Za-z][A-Za-z0-9+.-]*:([A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})+"
-)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,10 @@ certificates, one certificate of each profile, the OCSP responder and the CRLs."
 
 from __future__ import annotations
 
-import re
 import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -19,25 +17,14 @@ from pki.actors import operator
 from pki.service import Pki
 from tests.issuance_helpers import (
     PROFILES,
+    REQUESTS,
+    RFC3986_URI,
     Finding,
     errors_of,
     issue,
     pkilint,
     pkilint_subprocess,
     write_pem,
-)
-
-#: FQDN names only: pkilint's dNSName check refuses single-label names (see below)
-REQUESTS: dict[str, dict[str, Any]] = {
-    "mtls-server": {"cn": "app.svc.test", "sans": ("app.svc.test",)},
-    "mtls-client": {"cn": "client.svc.test", "sans": ("client.svc.test",)},
-    "mtls": {"cn": "both.svc.test", "sans": ("both.svc.test", "10.0.0.7")},
-    "device": {"cn": None, "sans": (), "serial_number": "dev-0001"},
-}
-
-#: RFC 3986 URI: scheme ":" then unreserved, sub-delims, ":", "@", "/", "?" or "%XX"
-RFC3986_URI = re.compile(
-    r"[A-Za-z][A-Za-z0-9+.-]*:([A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})+"
 )
 
 
