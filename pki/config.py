@@ -100,6 +100,15 @@ class AcmeSettings:
     require_eab: bool = False
     allowed_domains: tuple[str, ...] = ("*",)
     default_profile: str = "mtls-server"
+    #: shown in the directory; "" serves a short statement at /acme/terms
+    terms_of_service_url: str = ""
+    #: new orders one account may create per rolling hour (rateLimited beyond)
+    orders_per_hour: int = 300
+    #: how long a challenge response waits for a prompt validation before answering
+    #: ``processing`` (validation itself always runs off the request thread)
+    validation_wait_seconds: float = 5.0
+    #: total time one validation may take (DNS, connect, TLS, HTTP and redirects)
+    validation_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -288,6 +297,10 @@ def _section(cls: type, data: dict[str, Any], name: str) -> Any:
         elif isinstance(default, int):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}.{key} must be an integer, not {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{name}.{key} must be a non-negative number, not {value!r}")
+            value = float(value)
         elif not isinstance(value, str):
             value = str(value)
         kwargs[key] = value
@@ -352,8 +365,8 @@ def _key(key: str) -> str:
 def _value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
