@@ -23,7 +23,7 @@ MISSING_PKGS := $(strip $(if $(SOFTHSM_LIB),,softhsm2) \
                 $(if $(shell command -v pkcs11-tool 2>/dev/null),,opensc) \
                 $(if $(shell command -v openssl 2>/dev/null),,openssl))
 
-.PHONY: venv softhsm test run lint bench clean
+.PHONY: venv softhsm acme-clients test run lint bench clean
 
 ## venv: create .venv and (re)install the project when pyproject.toml changes
 venv: $(STAMP)
@@ -58,8 +58,26 @@ ifneq ($(MISSING_PKGS),)
 	echo "error: libsofthsm2.so still not found after installing $(MISSING_PKGS)" >&2; exit 1
 endif
 
+# ACME test peers from Debian: lego (a client) and pebble (pebble-challtestsrv, a DNS and
+# challenge test server; pebble itself is the reference CA of bench/acme.py). certbot
+# comes from PyPI with the test extras.
+ACME_PKGS := $(strip $(if $(shell command -v lego 2>/dev/null),,lego) \
+             $(if $(shell command -v pebble-challtestsrv 2>/dev/null),,pebble))
+
+## acme-clients: make sure lego and pebble-challtestsrv are installed (tests need them)
+acme-clients:
+ifneq ($(ACME_PKGS),)
+	@if [[ $$(id -u) -eq 0 ]]; then sudo=""; \
+	elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "error: the ACME tests need $(ACME_PKGS): run \`sudo apt-get install $(ACME_PKGS)\`" >&2; \
+	  exit 1; fi; \
+	set -ex; \
+	$$sudo apt-get update; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y $(ACME_PKGS)
+endif
+
 ## test: full test suite (pytest with 2 xdist workers) followed by ruff
-test: venv softhsm
+test: venv softhsm acme-clients
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
 
@@ -72,7 +90,7 @@ run: venv softhsm
 lint: venv
 	$(VENV)/bin/ruff check .
 
-bench: venv softhsm
+bench: venv softhsm acme-clients
 	$(PY) bench/issue.py
 
 ## clean: remove the venv and caches (never the .hsmca home)

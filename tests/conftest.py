@@ -228,3 +228,26 @@ def service(ca_home: Path) -> Iterator[RunningService]:
     running = RunningService(ca_home)
     yield running
     assert running.stop() == 0, running.log.read_text()[-2000:]
+
+
+@pytest.fixture(scope="session")
+def challtestsrv() -> Iterator[object]:
+    """pebble-challtestsrv answering DNS on a free port (one per xdist worker)."""
+    from tests.acme_helpers import running_challtestsrv
+
+    with running_challtestsrv() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def acme_service(
+    tmp_path_factory: pytest.TempPathFactory, challtestsrv: object
+) -> Iterator[RunningService]:
+    """A real ``hsmca serve`` with its ACME VA pointed at ``challtestsrv`` for DNS."""
+    from tests.acme_helpers import AcmeService
+
+    home = tmp_path_factory.mktemp("acme-home")
+    initialise(home, "ACME Test Org")
+    running = AcmeService(home, challtestsrv)  # type: ignore[arg-type]
+    yield running
+    assert running.stop() == 0, running.log.read_text()[-2000:]
