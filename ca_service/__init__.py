@@ -1,6 +1,6 @@
 """The hsmca web service: a Flask app factory with one blueprint per protocol.
 
-``create_app(home, listener="https")`` serves the REST API (and later ACME and EST);
+``create_app(home, listener="https")`` serves the REST API and ACME (and later EST);
 ``listener="http"`` serves the plain-HTTP documents (issuer certificates, CRLs, OCSP)
 behind :mod:`ca_service.ocsp_front`, which answers pre-signed OCSP itself.
 Views only parse input, call one :mod:`pki` use-case and format the result.
@@ -50,9 +50,11 @@ def create_app(
     app.register_blueprint(public)
     app.register_blueprint(ocsp)
     if listener == "https":
+        from acme_server import acme
         from ca_service.api import api
 
         app.register_blueprint(api)
+        app.register_blueprint(acme)
     else:
         # served only on the Unix socket of the OCSP front end, which states the client
         # address in X-Forwarded-For (replacing whatever the client sent)

@@ -83,6 +83,24 @@ def cached_ssl_context(conf: Any, factory: Callable[[], ssl.SSLContext]) -> ssl.
     return context
 
 
+def warm_worker(worker: Any) -> None:
+    """Open this worker's core (database pool, ACME nonce key, compiled queries) before its
+    first request, so that request is not the slow one. A failure here is left to the first request,
+    which reports it properly."""
+    app = worker.wsgi
+    try:
+        with app.app_context():
+            from ca_service.context import core
+
+            core().store.ping()
+            if app.config.get("HSMCA_LISTENER") == "https":
+                from acme_server.views import acme_core
+
+                acme_core().warm()
+    except Exception:
+        worker.log.warning("worker warm-up failed; the first request will retry")
+
+
 def gunicorn_options(settings: Settings, listener: str, bind: str, workers: int) -> dict[str, Any]:
     """gunicorn settings for one listener; ``bind`` is ``host:port`` or ``unix:path``."""
     options: dict[str, Any] = {
@@ -104,6 +122,7 @@ def gunicorn_options(settings: Settings, listener: str, bind: str, workers: int)
         "limit_request_line": 8190,
         "limit_request_fields": 100,
         "control_socket_disable": True,
+        "post_worker_init": warm_worker,
     }
     if listener == "https":
         home = settings.home
@@ -280,6 +299,7 @@ def _announce(settings: Settings, opts: ServeOptions, announce: Callable[[str], 
             [
                 f"hsmca is serving from {opts.home}",
                 f"  REST API        {https}/api/v1/",
+                f"  ACME directory  {https}/acme/directory",
                 f"  OCSP / CRL / CA {http}/ocsp  {http}/crl/<issuer-id>.crl",
                 f"  health, metrics {https}/healthz  {https}/metrics",
                 f"  root certificate: {opts.home / 'ca' / 'root.pem'}",

@@ -114,6 +114,7 @@ def pass_home(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # The sub-command modules register themselves on ``main``.
 from cli import (  # noqa: E402,F401
+    acme_commands,
     ca_commands,
     cert_commands,
     init_commands,

@@ -31,6 +31,7 @@ from sqlalchemy.pool import NullPool
 from pki.audit import GENESIS, AuditRecord, StoredEvent, canonical_body, chain_hash
 from pki.clock import Clock, SystemClock
 from pki.errors import Conflict, InvalidInput, NotFound
+from pki.store.acme_store import AcmeStore
 from pki.store.driver import (
     Checkpointer,
     CompiledStatement,
@@ -197,6 +198,8 @@ class Store:
         self._local = threading.local()
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
+        #: the ACME server's queries
+        self.acme = AcmeStore(self)
 
     # -- plumbing --------------------------------------------------------------------------
 

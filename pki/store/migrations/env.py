@@ -7,6 +7,7 @@ import os
 from alembic import context
 from sqlalchemy import create_engine
 
+import pki.store.acme_models  # noqa: F401  (registers the ACME tables)
 from pki.store.models import Base
 
 config = context.config
