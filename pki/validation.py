@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -85,13 +85,20 @@ class Validator:
     """
 
     def __init__(
-        self, http01_port: int, tlsalpn01_port: int, dns_resolver: str = "", timeout: float = 10.0
+        self,
+        http01_port: int,
+        tlsalpn01_port: int,
+        dns_resolver: str = "",
+        timeout: float = 10.0,
+        redirect_allowed: Callable[[str], bool] = lambda host: True,
     ) -> None:
         if not (0 < http01_port < 65536 and 0 < tlsalpn01_port < 65536 and timeout > 0):
             raise ValueError(f"bad port or timeout: {http01_port}, {tlsalpn01_port}, {timeout}")
         self.http01_port = http01_port
         self.tlsalpn01_port = tlsalpn01_port
         self.timeout = timeout
+        #: whether an http-01 redirect may lead to this DNS name (the CA's name policy)
+        self.redirect_allowed = redirect_allowed
         self._nameserver = _parse_resolver(dns_resolver)
         self._resolver: dns.resolver.Resolver | None = None  # None: the system's, read per use
         if self._nameserver is not None:
@@ -175,7 +182,10 @@ class _Run:
             elif status != 200:
                 raise self.fail("unauthorized", f"GET {url} returned {status}")
             elif not hmac.compare_digest(body.strip(), keyauth.encode("utf-8")):
-                why = f"returned a body that is not the key authorization: {_snippet(body)}"
+                # what a redirect target returned is not echoed: the VA may reach hosts
+                # the client cannot, and the error is the client's to read
+                shown = _snippet(body) if len(fetched) == 1 else f"{len(body)} bytes"
+                why = f"returned a body that is not the key authorization: {shown}"
                 raise self.fail("unauthorized", f"GET {url} {why}")
             else:
                 return
@@ -228,8 +238,12 @@ class _Run:
         except ValueError:
             raise refuse("the port is invalid") from None
         host = parts.hostname or ""
-        if not (_is_ip(host) or _is_dns_name(host)):
-            raise refuse("the host is not a valid DNS name or IP address")
+        if _is_ip(host):
+            raise refuse("redirects to IP addresses are not followed (as Let's Encrypt does)")
+        if not _is_dns_name(host):
+            raise refuse("the host is not a valid DNS name")
+        if not self.va.redirect_allowed(host):
+            raise refuse(f"{host} is outside the names this CA may validate")
         configured = self.va.http01_port if parts.scheme == "http" else self.va.tlsalpn01_port
         allowed = sorted({_DEFAULT_PORTS[parts.scheme], configured})
         if port not in allowed:

@@ -313,6 +313,8 @@ def test_http01_redirect_to_https(
         ("ftp://a.example/x", "only http and https"),
         ("http://a.example:99999/x", "port is invalid"),
         ("http://bad_host!/x", "not a valid DNS name"),
+        ("http://127.0.0.1:{port}/x", "redirects to IP addresses are not followed"),
+        ("http://[::1]:{port}/x", "redirects to IP addresses are not followed"),
     ],
 )
 def test_http01_redirect_refused(
@@ -320,11 +322,42 @@ def test_http01_redirect_refused(
 ) -> None:
     token, keyauth = _challenge()
     other = free_port()
-    httpd.serve(_path(token), b"", 302, Location=location.format(other=other))
+    httpd.serve(_path(token), b"", 302, Location=location.format(other=other, port=httpd.port))
     failure = _fails(validator, "http-01", "dns", "a.example", token, keyauth)
     assert failure.acme_type == "connection"
     assert "refused redirect" in failure.detail
     assert why.format(other=other) in failure.detail
+
+
+def test_http01_redirect_outside_the_name_policy_refused(
+    challtestsrv: ChallTestSrv, httpd: _HttpServer
+) -> None:
+    """A redirect may only lead to names the CA's policy would validate."""
+    validator = Validator(
+        httpd.port,
+        free_port(),
+        dns_resolver=challtestsrv.dns,
+        timeout=5,
+        redirect_allowed=lambda host: host.endswith(".example"),
+    )
+    token, keyauth = _challenge()
+    httpd.serve(_path(token), b"", 302, Location=f"http://internal.corp:{httpd.port}/x")
+    failure = _fails(validator, "http-01", "dns", "a.example", token, keyauth)
+    assert "internal.corp is outside the names this CA may validate" in failure.detail
+    assert not any(path == "/x" for path, _ in httpd.seen)
+
+
+def test_http01_body_behind_a_redirect_is_not_echoed(
+    validator: Validator, httpd: _HttpServer
+) -> None:
+    """What a redirect target returned stays out of the client-visible error."""
+    token, keyauth = _challenge()
+    httpd.serve(_path(token), b"", 302, Location=f"http://b.example:{httpd.port}/in/{token}")
+    httpd.serve(f"/in/{token}", b"SECRET-INTERNAL-DATA")
+    failure = _fails(validator, "http-01", "dns", "a.example", token, keyauth)
+    assert failure.acme_type == "unauthorized"
+    assert "SECRET" not in failure.detail
+    assert "20 bytes" in failure.detail
 
 
 def test_http01_redirect_loop(validator: Validator, httpd: _HttpServer) -> None:
