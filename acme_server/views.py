@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from acme_server import render
 from ca_service.context import core
+from pki.acme.jws import payload_object
 from pki.acme.orders import OrderState
 from pki.acme.problems import AcmeProblem
 from pki.acme.service import Acme, Authenticated
@@ -69,27 +70,23 @@ def _json(body: Any, status: int = 200, **headers: str) -> Response:
     return resp
 
 
-def _authenticate(jwk_allowed: bool = False) -> Authenticated:
+def _authenticate(jwk_allowed: bool = False, jwk_required: bool = False) -> Authenticated:
     mimetype = request.mimetype
     if mimetype != JOSE:
         raise AcmeProblem("malformed", f"Content-Type must be {JOSE}", status=415)
     urls = _urls()
     return acme_core().authenticate(
-        request.get_data(cache=False), _request_url(urls), urls, jwk_allowed=jwk_allowed
+        request.get_data(cache=False),
+        _request_url(urls),
+        urls,
+        jwk_allowed=jwk_allowed or jwk_required,
+        jwk_required=jwk_required,
     )
 
 
 def _payload(auth: Authenticated) -> dict[str, Any]:
     """The JSON object payload (POST-as-GET is refused where a payload is required)."""
-    if auth.payload == b"":
-        raise AcmeProblem("malformed", "this request needs a JSON payload, not POST-as-GET")
-    try:
-        value = json.loads(auth.payload)
-    except ValueError:
-        raise AcmeProblem("malformed", "the JWS payload is not JSON") from None
-    if not isinstance(value, dict):
-        raise AcmeProblem("malformed", "the JWS payload must be a JSON object")
-    return value
+    return payload_object(auth.payload)
 
 
 def _post_as_get(auth: Authenticated) -> None:
@@ -160,7 +157,7 @@ def terms() -> Response:
 
 @acme.post("/new-account")
 def new_account() -> Response:
-    auth = _authenticate(jwk_allowed=True)
+    auth = _authenticate(jwk_required=True)
     urls = _urls()
     account, created = acme_core().new_account(auth, _payload(auth), urls)
     return _json(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import tomllib
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from pki.errors import ConfigError
 CONFIG_NAME = "hsmca.toml"
 SECTIONS = ("server", "database", "hsm", "ca", "acme", "policy", "crl", "ocsp", "profiles")
 ENV_PREFIX = "HSMCA_"
+#: an ``acme.dns_resolver``: an IPv4 address or a bracketed IPv6 one, with an optional port
+_RESOLVER = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 SOFTHSM_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
@@ -109,6 +112,22 @@ class AcmeSettings:
     validation_wait_seconds: float = 5.0
     #: total time one validation may take (DNS, connect, TLS, HTTP and redirects)
     validation_timeout_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("http01_port", "tlsalpn01_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ConfigError(f"acme.{name} must be a port number (1-65535)")
+        if not 0 < self.validation_timeout_seconds <= 50:
+            raise ConfigError("acme.validation_timeout_seconds must be above 0 and at most 50")
+        if not 0 <= self.validation_wait_seconds <= 30:
+            raise ConfigError("acme.validation_wait_seconds must be between 0 and 30")
+        if self.orders_per_hour < 1:
+            raise ConfigError("acme.orders_per_hour must be at least 1")
+        if self.dns_resolver and not _RESOLVER.fullmatch(self.dns_resolver):
+            raise ConfigError(
+                f"acme.dns_resolver {self.dns_resolver!r}: use \"\" (the system resolver), "
+                '"IP:PORT" or "[IPv6]:PORT"'
+            )
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import josepy as jose
@@ -679,3 +680,28 @@ def test_a_used_nonce_is_not_accepted_in_another_spelling(nonces: Nonces) -> Non
 @given(text=st.text(max_size=60) | st.binary(min_size=32, max_size=32).map(b64u))
 def test_arbitrary_nonces_are_bad_nonces(nonces: Nonces, text: str) -> None:
     refused("badNonce", nonces.redeem, text)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("validation_timeout_seconds", 0.0, "validation_timeout_seconds"),
+        ("validation_timeout_seconds", 120.0, "validation_timeout_seconds"),
+        ("validation_wait_seconds", 60.0, "validation_wait_seconds"),
+        ("dns_resolver", "not-an-ip", "dns_resolver"),
+        ("http01_port", 0, "http01_port"),
+        ("orders_per_hour", 0, "orders_per_hour"),
+    ],
+)
+def test_bad_acme_settings_are_refused_when_the_config_loads(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    """A bad [acme] value stops `load_settings` with a message, not every request with a 500."""
+    from pki.config import default_document, dump_toml, load_settings
+    from pki.errors import ConfigError
+
+    doc = default_document(tmp_path)
+    doc["acme"][field] = value
+    (tmp_path / "hsmca.toml").write_text(dump_toml(doc))
+    with pytest.raises(ConfigError, match=message):
+        load_settings(tmp_path)

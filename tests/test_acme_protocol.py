@@ -1064,3 +1064,71 @@ def test_replaces_must_name_the_certificate_exactly(acme_service: AcmeService) -
         outcomes,
     )
     still_works(client)
+
+
+# -- regressions from review -------------------------------------------------------------------
+
+
+def test_deeply_nested_json_is_malformed_not_a_500(acme_service: AcmeService) -> None:
+    client = AcmeClient(acme_service)
+    with unchanged(acme_service):
+        resp = send(client, client.directory["newAccount"], "[" * 50000)
+        problem(resp, client, 400, "malformed")
+    assert "unhandled error" not in acme_service.log.read_text()
+
+
+def test_new_account_signed_with_a_kid_is_malformed(acme_service: AcmeService) -> None:
+    client = registered(acme_service)
+    with unchanged(acme_service):
+        resp = client.post(client.directory["newAccount"], {"termsOfServiceAgreed": True})
+        problem(resp, client, 400, "malformed")
+    still_works(client)
+
+
+def test_crit_header_and_nonce_in_a_nested_jws_are_refused(acme_service: AcmeService) -> None:
+    client = registered(acme_service)
+    url = client.directory["keyChange"]
+    new = AccountKey()
+    payload = {"account": client.kid, "oldKey": client.key.jwk()}
+    with unchanged(acme_service):
+        inner = jws(new, url, payload, nonce=client.nonce())
+        problem(client.post(url, inner), client, 400, "malformed")
+        crit = client.post(client.kid or "", extra_header={"crit": ["b64"], "b64": False})
+        problem(crit, client, 400, "malformed")
+    still_works(client)
+
+
+def test_the_account_key_cannot_be_the_certificate_key(acme_service: AcmeService) -> None:
+    client = registered(acme_service)
+    name = unique_name()
+    with http01(acme_service) as responder:
+        url, order = ready_order(client, [name], responder)
+    resp = client.post(order["finalize"], {"csr": csr_b64([name], client.key.key)})
+    problem(resp, client, 400, "badCSR")
+    assert client.post(url).json()["status"] == "ready"
+
+
+@pytest.mark.parametrize("reason", [True, 6, 2, 10, "1"])
+def test_subscriber_may_not_give_ca_or_hold_reasons(acme_service: AcmeService, reason: Any) -> None:
+    client = registered(acme_service)
+    issued = issue(client, [unique_name()])
+    with unchanged(acme_service):
+        problem(_revoke(client, issued.leaf, reason=reason), client, 400, "badRevocationReason")
+    assert cert_row(acme_service, issued.leaf) == ("good", None)
+
+
+def test_access_to_another_accounts_order_is_refused_and_audited(
+    acme_service: AcmeService,
+) -> None:
+    owner, other = registered(acme_service), registered(acme_service)
+    created = owner.new_order(unique_name())
+    order_url = created.headers["Location"]
+    order_id = order_url.rsplit("/", 1)[-1]
+    with unchanged(acme_service):
+        problem(other.post(order_url), other, 403, "unauthorized")
+    refused = db_rows(
+        acme_service,
+        "SELECT actor, action FROM audit_events WHERE subject = ? AND outcome = 'refused'",
+        order_id,
+    )
+    assert refused == [(f"acme-account:{other.kid.rsplit('/', 1)[-1]}", "acme.order")]

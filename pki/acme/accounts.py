@@ -4,7 +4,6 @@ key rollover (RFC 8555 7.3), and the EAB keys operators hand out."""
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -98,10 +97,7 @@ class AccountsMixin:
         kid = inner.kid
         if not isinstance(kid, str):
             raise AcmeProblem("malformed", "externalAccountBinding has no kid")
-        try:
-            bound = json.loads(inner.payload)
-        except ValueError:
-            raise AcmeProblem("malformed", "externalAccountBinding payload is not JSON") from None
+        bound = jws.load_json(inner.payload, "the externalAccountBinding payload")
         if jws.account_key(bound).thumbprint != key.thumbprint:
             raise AcmeProblem("unauthorized", "externalAccountBinding binds a different key")
         stored = self.store.eab_key(kid)
@@ -128,13 +124,13 @@ class AccountsMixin:
             changes["status"] = "deactivated"
         if not changes:
             return account
-        record = None
-        if "status" in changes:
-            record = AuditRecord(
-                action="acme.account.deactivate",
-                actor=f"acme-account:{account.id}",
-                subject=f"acme-account:{account.id}",
-            )
+        action = "acme.account.deactivate" if "status" in changes else "acme.account.update"
+        record = AuditRecord(
+            action=action,
+            actor=f"acme-account:{account.id}",
+            subject=f"acme-account:{account.id}",
+            details={"changed": sorted(changes)},
+        )
         return self.store.update_account(account.id, changes, record)
 
     def change_key(

@@ -160,13 +160,17 @@ class SignedRequest:
 
     def payload_json(self) -> dict[str, Any]:
         """The payload as a JSON object; malformed if it is not one."""
-        try:
-            value = json.loads(self.payload)
-        except ValueError:
-            raise AcmeProblem("malformed", "the JWS payload is not JSON") from None
-        if not isinstance(value, dict):
-            raise AcmeProblem("malformed", "the JWS payload must be a JSON object")
-        return value
+        return payload_object(self.payload)
+
+
+def payload_object(payload: bytes) -> dict[str, Any]:
+    """A JWS payload as a JSON object; malformed if it is empty or not one."""
+    if payload == b"":
+        raise AcmeProblem("malformed", "this request needs a JSON payload, not POST-as-GET")
+    value = load_json(payload, "the JWS payload")
+    if not isinstance(value, dict):
+        raise AcmeProblem("malformed", "the JWS payload must be a JSON object")
+    return value
 
 
 def parse(body: bytes, *, inner: bool = False) -> SignedRequest:
@@ -174,11 +178,15 @@ def parse(body: bytes, *, inner: bool = False) -> SignedRequest:
 
     ``inner`` parses the JWS nested in keyChange or externalAccountBinding, which carries
     no nonce."""
+    return parse_object(load_json(body, "the request body"), inner=inner)
+
+
+def load_json(data: bytes | str, what: str) -> Any:
+    """``json.loads``; malformed if ``data`` is not JSON or nests too deeply to parse."""
     try:
-        outer = json.loads(body)
-    except ValueError:
-        raise AcmeProblem("malformed", "the request body is not JSON") from None
-    return parse_object(outer, inner=inner)
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise AcmeProblem("malformed", f"{what} is not JSON") from None
 
 
 def parse_object(outer: Any, *, inner: bool = False) -> SignedRequest:
@@ -191,10 +199,7 @@ def parse_object(outer: Any, *, inner: bool = False) -> SignedRequest:
     for member in ("protected", "payload", "signature"):
         if not isinstance(outer.get(member), str):
             raise AcmeProblem("malformed", f"the JWS has no {member} string")
-    try:
-        protected = json.loads(b64u_decode(outer["protected"], "protected"))
-    except ValueError:
-        raise AcmeProblem("malformed", "the JWS protected header is not JSON") from None
+    protected = load_json(b64u_decode(outer["protected"], "protected"), "the protected header")
     if not isinstance(protected, dict):
         raise AcmeProblem("malformed", "the JWS protected header must be a JSON object")
     alg = protected.get("alg")
@@ -215,6 +220,10 @@ def parse_object(outer: Any, *, inner: bool = False) -> SignedRequest:
         raise AcmeProblem("malformed", "the JWS protected header has no url")
     if not inner and not isinstance(protected.get("nonce"), str):
         raise AcmeProblem("badNonce", "the JWS protected header has no nonce")
+    if inner and "nonce" in protected:
+        raise AcmeProblem("malformed", "a nested JWS must not carry a nonce (RFC 8555 7.3.4-5)")
+    if "crit" in protected:
+        raise AcmeProblem("malformed", "no JWS header extension (crit) is understood here")
     if ("jwk" in protected) == ("kid" in protected) and not alg.startswith("HS"):
         raise AcmeProblem("malformed", "the JWS protected header needs exactly one of jwk and kid")
     if "kid" in protected and not isinstance(protected["kid"], str):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import secrets
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ from pki.errors import Forbidden, InvalidInput, NotFound, PolicyError
 from pki.policy import parse_csr
 from pki.revocation import REASON_CODES
 from pki.serials import serial_hex
+from pki.signer import spki_der
 from pki.store.acme_models import AcmeAccount, AcmeAuthorization, AcmeChallenge, AcmeOrder
 from pki.validation import ValidationFailure, key_authorization
 
@@ -38,11 +41,15 @@ if TYPE_CHECKING:
     from pki.service import Pki
     from pki.store.acme_store import AcmeStore
 
+log = logging.getLogger("hsmca.acme")
 ORDER_LIFETIME = dt.timedelta(hours=24)
 #: a ``processing`` challenge whose validator has been silent this long is started again
 STALE_VALIDATION = dt.timedelta(seconds=60)
 RATE_WINDOW = dt.timedelta(hours=1)
 _CODE_TO_REASON = {code: name for name, code in REASON_CODES.items()}
+#: reasons a subscriber may give (as Let's Encrypt): not the CA-compromise codes, and not
+#: certificateHold, which could never be released
+SUBSCRIBER_REASONS = frozenset({0, 1, 3, 4, 5, 9})
 
 
 def _new_id() -> str:
@@ -70,8 +77,16 @@ class OrdersMixin:
     settings: AcmeSettings
     clock: Clock
 
+    _waiters: threading.BoundedSemaphore
+
     def _submit_validation(self, challenge_id: str) -> Future[None]:
         raise NotImplementedError
+
+    def _refuse(self, auth: Authenticated, action: str, subject: str, why: str) -> AcmeProblem:
+        """Audit a refused access (invariant 3) and return the problem to raise."""
+        who = f"acme-account:{auth.account.id}" if auth.account else "acme:certificate-key"
+        self.pki.audit_refusal(action, subject, why, actor=who)
+        return AcmeProblem("unauthorized", why)
 
     def profiles(self) -> dict[str, str]:
         """The certificate profiles an ACME client may ask for, with a description."""
@@ -175,7 +190,7 @@ class OrdersMixin:
         previous = self.store.order_for_certificate(serial)
         if previous is None or previous.account_id != account.id:
             raise AcmeProblem("malformed", "replaces names no certificate this account holds")
-        if self.store.order_replacing(cert_id) is not None:
+        if self.store.order_replacing(cert_id, self.clock.now()) is not None:
             raise AcmeProblem("alreadyReplaced", "that certificate has already been replaced")
 
     # -- reading ---------------------------------------------------------------------------
@@ -187,7 +202,7 @@ class OrdersMixin:
         if found is None:
             raise AcmeProblem("notFound", f"no order {order_id}")
         if found[0].account_id != account.id:
-            raise AcmeProblem("unauthorized", "the order belongs to another account")
+            raise self._refuse(auth, "acme.order", order_id, "the order belongs to another account")
         order = found[0]
         if order.status in ("pending", "ready") and order.expires <= self.clock.now():
             self.store.expire(self.clock.now(), order_id)
@@ -202,13 +217,21 @@ class OrdersMixin:
         if authz is None:
             raise AcmeProblem("notFound", f"no authorization {authz_id}")
         if authz.account_id != account.id:
-            raise AcmeProblem("unauthorized", "the authorization belongs to another account")
+            raise self._refuse(
+                auth, "acme.authorization", authz_id, "it belongs to another account"
+            )
         if authz.status == "pending" and authz.expires <= self.clock.now():
             self.store.expire(self.clock.now(), authz.order_id)
             authz = self.store.authorization(authz_id) or authz
         challenges = self.store.challenges(authz_id)
         if authz.wildcard:
             challenges = [c for c in challenges if c.type == "dns-01"]
+        now = self.clock.now()
+        stale = now - STALE_VALIDATION
+        for chall in challenges:  # a validator that died (worker gone) is started again
+            abandoned = chall.status == "processing" and (chall.started_at or now) < stale
+            if abandoned and self.store.start_challenge(chall.id, now, stale):
+                self._submit_validation(chall.id)
         return authz, challenges
 
     def deactivate_authorization(
@@ -233,7 +256,9 @@ class OrdersMixin:
             raise AcmeProblem("notFound", f"no challenge {challenge_id}")
         chall, authz, owner = found
         if owner.id != account.id:
-            raise AcmeProblem("unauthorized", "the challenge belongs to another account")
+            raise self._refuse(
+                auth, "acme.challenge", challenge_id, "it belongs to another account"
+            )
         return chall, authz
 
     def respond_challenge(
@@ -249,12 +274,26 @@ class OrdersMixin:
             self.store.expire(now, authz.order_id)
         elif self.store.start_challenge(challenge_id, now, now - STALE_VALIDATION):
             future = self._submit_validation(challenge_id)
-            with contextlib.suppress(TimeoutError):  # still running: the client polls
-                future.result(timeout=self.settings.validation_wait_seconds)
+            if self._waiters.acquire(blocking=False):
+                try:
+                    with contextlib.suppress(TimeoutError):  # still running: the client polls
+                        future.result(timeout=self.settings.validation_wait_seconds)
+                finally:
+                    self._waiters.release()
         return self.challenge(auth, challenge_id)
 
     def run_validation(self, challenge_id: str) -> None:
-        """Validate one claimed challenge and record the outcome (on a worker thread)."""
+        """Validate one claimed challenge and record the outcome (on a worker thread);
+        whatever fails is logged, and the challenge is never left ``processing`` by it."""
+        try:
+            self._validate(challenge_id)
+        except Exception:
+            log.exception("validation of challenge %s failed", challenge_id)
+            error = problem_json("serverInternal", "validation could not be completed", 500)
+            with contextlib.suppress(Exception):
+                self.store.finish_challenge(challenge_id, self.clock.now(), error)
+
+    def _validate(self, challenge_id: str) -> None:
         found = self.store.challenge_view(challenge_id)
         if found is None or found[0].status != "processing":
             return
@@ -296,6 +335,8 @@ class OrdersMixin:
             raise AcmeProblem("badCSR", str(exc)) from None
         identifiers = [Identifier(i["type"], i["value"]) for i in order.identifiers]
         check_csr_names(identifiers, parsed.names, parsed.common_name)
+        if spki_der(parsed.public_key) == auth.key.spki_der():
+            raise AcmeProblem("badCSR", "the certificate key must not be the account key")
         if not self.store.set_order(order_id, ("ready",), status="processing"):
             raise AcmeProblem("orderNotReady", "the order is already being finalized")
         try:
@@ -328,7 +369,9 @@ class OrdersMixin:
         account = auth.require_account()
         order = self.store.order_for_certificate(serial)
         if order is None or order.account_id != account.id:
-            raise AcmeProblem("unauthorized", "no certificate of this account has that URL")
+            raise self._refuse(
+                auth, "acme.certificate", serial, "no certificate of this account has that URL"
+            )
         record = self.pki.show(serial)
         return (record.certificate_pem or "") + record.chain_pem
 
@@ -342,10 +385,10 @@ class OrdersMixin:
         except ValueError:
             raise AcmeProblem("malformed", "certificate is not a DER X.509 certificate") from None
         reason_code = payload.get("reason", 0)
-        if not isinstance(reason_code, int) or reason_code not in _CODE_TO_REASON:
+        if type(reason_code) is not int or reason_code not in SUBSCRIBER_REASONS:
             raise AcmeProblem(
                 "badRevocationReason",
-                f"reason {reason_code!r} is not allowed; use one of {sorted(_CODE_TO_REASON)}",
+                f"reason {reason_code!r} is not allowed; use one of {sorted(SUBSCRIBER_REASONS)}",
             )
         serial = serial_hex(cert.serial_number)
         try:
@@ -359,13 +402,15 @@ class OrdersMixin:
         if auth.by_kid and auth.account is not None:
             order = self.store.order_for_certificate(serial)
             if order is None or order.account_id != auth.account.id:
-                raise AcmeProblem("unauthorized", "this account did not order that certificate")
+                raise self._refuse(
+                    auth, "certificate.revoke", serial, "this account did not order it"
+                )
             actor = account_actor(auth.account.id)
         else:
             spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
             if auth.key.spki_der() != spki:
-                raise AcmeProblem(
-                    "unauthorized", "the request is not signed by the certificate's key"
+                raise self._refuse(
+                    auth, "certificate.revoke", serial, "not signed by the certificate's key"
                 )
             actor = Actor(name="acme:certificate-key", role="admin")
         try:

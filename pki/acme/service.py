@@ -17,12 +17,15 @@ from pki.acme.orders import OrdersMixin
 from pki.acme.problems import AcmeProblem
 from pki.acme.renewal import RenewalWindow, certificate_for_id, suggested_window
 from pki.acme.urls import AcmeUrls
+from pki.policy import NamePolicy
 from pki.service import Pki
 from pki.store.acme_models import AcmeAccount
 from pki.validation import Validator
 
 #: validations running at once in one process (each mostly waits on the network)
 VALIDATION_THREADS = 16
+#: request threads of one process that may wait for a validation result at once
+MAX_WAITING_REQUESTS = 2
 #: a P-256 public key (RFC 7515 A.3) parsed once by :meth:`Acme.warm`
 _WARM_JWK = {
     "kty": "EC",
@@ -62,7 +65,11 @@ class Acme(AccountsMixin, OrdersMixin):
             self.settings.tlsalpn01_port,
             self.settings.dns_resolver,
             self.settings.validation_timeout_seconds,
+            redirect_allowed=NamePolicy(self.settings.allowed_domains).allows_dns,
         )
+        #: request threads that may wait for a validation at once (the others answer
+        #: ``processing`` at once, so slow targets cannot occupy every request thread)
+        self._waiters = threading.BoundedSemaphore(MAX_WAITING_REQUESTS)
         self._nonces: Nonces | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid = 0
@@ -119,7 +126,13 @@ class Acme(AccountsMixin, OrdersMixin):
     # -- authentication --------------------------------------------------------------------
 
     def authenticate(
-        self, body: bytes, url: str, urls: AcmeUrls, *, jwk_allowed: bool = False
+        self,
+        body: bytes,
+        url: str,
+        urls: AcmeUrls,
+        *,
+        jwk_allowed: bool = False,
+        jwk_required: bool = False,
     ) -> Authenticated:
         """Check a JWS request (RFC 8555 6.2-6.5): key (``jwk`` only where allowed, else an
         existing valid account's ``kid``), signature, ``url``, then the nonce (consumed last,
@@ -131,6 +144,8 @@ class Acme(AccountsMixin, OrdersMixin):
                 raise AcmeProblem("malformed", "this request must be signed with a kid, not a jwk")
             key = jws.account_key(request.jwk)
             account = self.store.account_by_thumbprint(key.thumbprint)
+        elif jwk_required:
+            raise AcmeProblem("malformed", "newAccount must be signed with a jwk, not a kid")
         else:
             account_id = urls.account_id(request.kid or "")
             account = self.store.account(account_id) if account_id is not None else None

@@ -46,7 +46,7 @@ class AcmeStore:
             lambda: self.order(""),
             lambda: self.orders_since(-1, now),
             lambda: self.order_for_certificate(""),
-            lambda: self.order_replacing(""),
+            lambda: self.order_replacing("", now),
             lambda: self.authorizations(""),
             lambda: self.authorization(""),
             lambda: self.challenges(""),
@@ -251,12 +251,13 @@ class AcmeStore:
             stmt = select(AcmeOrder).where(AcmeOrder.certificate_serial == serial)
             return s.execute(stmt).scalar()
 
-    def order_replacing(self, cert_id: str) -> AcmeOrder | None:
-        """A live order that already replaces the certificate ``cert_id`` (ARI)."""
+    def order_replacing(self, cert_id: str, now: dt.datetime) -> AcmeOrder | None:
+        """An order that already replaces the certificate ``cert_id`` (ARI): finished, or
+        still live (an abandoned order stops counting when it expires)."""
         with self._store._ro() as s:
-            stmt = select(AcmeOrder).where(
-                AcmeOrder.replaces == cert_id, AcmeOrder.status != "invalid"
-            )
+            live = AcmeOrder.status.in_(("pending", "ready")) & (AcmeOrder.expires > now)
+            done = AcmeOrder.status.in_(("processing", "valid"))
+            stmt = select(AcmeOrder).where(AcmeOrder.replaces == cert_id, live | done)
             return s.execute(stmt).scalars().first()
 
     def set_order(self, order_id: str, expected: tuple[str, ...], **changes: Any) -> bool:
@@ -360,30 +361,51 @@ class AcmeStore:
         """Record a validation result: the challenge and its authorization become valid
         (no ``error``) or invalid, and the order becomes ready once every authorization
         is valid, or invalid as soon as one is not."""
+        valid = error is None
         with self._store._tx() as s:
             chall = s.get(AcmeChallenge, challenge_id)
-            if chall is None or chall.status != "processing":
+            if chall is None:
                 return
-            valid = error is None
-            chall.status = "valid" if valid else "invalid"
-            chall.validated_at = now if valid else None
-            chall.error = error
-            authz = s.get(AcmeAuthorization, chall.authorization_id)
-            assert authz is not None
-            if authz.status != "pending":
+            # compare-and-set on the status: a racing finish, deactivation or expiry wins
+            # or loses as a whole
+            done = s.execute(
+                update(AcmeChallenge)
+                .where(AcmeChallenge.id == challenge_id, AcmeChallenge.status == "processing")
+                .values(
+                    status="valid" if valid else "invalid",
+                    validated_at=now if valid else None,
+                    error=error,
+                )
+            )
+            if done.rowcount != 1:
                 return
-            authz.status = "valid" if valid else "invalid"
-            s.flush()
-            self._settle_order(s, authz.order_id, error)
+            settled = s.execute(
+                update(AcmeAuthorization)
+                .where(
+                    AcmeAuthorization.id == chall.authorization_id,
+                    AcmeAuthorization.status == "pending",
+                )
+                .values(status="valid" if valid else "invalid")
+            )
+            if settled.rowcount == 1:
+                authz = s.get(AcmeAuthorization, chall.authorization_id)
+                assert authz is not None
+                self._settle_order(s, authz.order_id, error)
 
     def deactivate_authorization(self, authz_id: str) -> bool:
         """pending or valid → deactivated; the order becomes invalid. False otherwise."""
         with self._store._tx() as s:
+            done = s.execute(
+                update(AcmeAuthorization)
+                .where(
+                    AcmeAuthorization.id == authz_id,
+                    AcmeAuthorization.status.in_(("pending", "valid")),
+                )
+                .values(status="deactivated")
+            )
             authz = s.get(AcmeAuthorization, authz_id)
-            if authz is None or authz.status not in ("pending", "valid"):
+            if done.rowcount != 1 or authz is None:
                 return False
-            authz.status = "deactivated"
-            s.flush()
             self._settle_order(
                 s, authz.order_id, _problem("unauthorized", "an authorization was deactivated")
             )
