@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +14,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
+
+from pki.monitoring import CaState
 
 REQUESTS = Counter(
     "hsmca_http_requests_total", "HTTP requests by route and status", ["route", "method", "status"]
@@ -37,12 +41,59 @@ HSM_SIGN_SECONDS = Histogram(
 )
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text for this process, or aggregated over all workers."""
+class CaStateCollector:
+    """Gauges of the CA's state, read from the database when scraped."""
+
+    def __init__(self, state: CaState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        s = self.state
+        expiring = GaugeMetricFamily(
+            "hsmca_certificates_expiring",
+            "Good certificates expiring within the window, by profile",
+            labels=["profile", "window"],
+        )
+        for (profile, window), count in sorted(s.expiring.items()):
+            expiring.add_metric([profile, window], count)
+        yield expiring
+        yield GaugeMetricFamily(
+            "hsmca_ca_certificate_seconds_to_expiry",
+            "Seconds until the earliest expiry of a CA certificate in use",
+            value=s.ca_seconds_left,
+        )
+        if s.newest_crl_age_seconds is not None:
+            yield GaugeMetricFamily(
+                "hsmca_crl_age_seconds", "Age of the newest CRL", value=s.newest_crl_age_seconds
+            )
+        yield GaugeMetricFamily(
+            "hsmca_ocsp_responses_stale",
+            "Pre-signed OCSP responses past their nextUpdate",
+            value=s.stale_ocsp_responses,
+        )
+        jobs = GaugeMetricFamily(
+            "hsmca_job_last_success_timestamp_seconds",
+            "When each scheduled job last succeeded",
+            labels=["job"],
+        )
+        for job, at in sorted(s.job_last_success.items()):
+            jobs.add_metric([job], at)
+        yield jobs
+
+
+def render(state: CaState | None = None) -> tuple[bytes, str]:
+    """The exposition text for this process, or aggregated over all workers, plus the
+    CA-state gauges when ``state`` is given."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
+    else:
+        from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        registry = REGISTRY
+    text = generate_latest(registry)
+    if state is not None:
+        extra = CollectorRegistry()
+        extra.register(CaStateCollector(state))
+        text += generate_latest(extra)
+    return text, CONTENT_TYPE_LATEST

@@ -35,5 +35,7 @@ def healthz() -> tuple[Response, int]:
 
 @public.get("/metrics")
 def prometheus() -> Response:
-    body, content_type = metrics.render()
+    from pki.monitoring import ca_state
+
+    body, content_type = metrics.render(ca_state(core()))
     return Response(body, content_type=content_type)

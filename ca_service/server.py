@@ -35,6 +35,8 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from pki.config import Settings, load_settings
+from pki.scheduler import SchedulerService
+from pki.service import Pki
 
 GRACEFUL_SECONDS = 10
 PR_SET_PDEATHSIG = 1
@@ -67,13 +69,13 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return create_app(self.home, self.listener)
 
 
-_contexts: dict[tuple[int, float], ssl.SSLContext] = {}
+_contexts: dict[tuple[int, float, float], ssl.SSLContext] = {}
 
 
 def cached_ssl_context(conf: Any, factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-    """One SSLContext per worker process, rebuilt when the certificate file changes
-    (gunicorn would otherwise build one per connection)."""
-    key = (os.getpid(), os.stat(conf.certfile).st_mtime)
+    """One SSLContext per worker process, rebuilt when the certificate or the trusted CA
+    file changes (gunicorn would otherwise build one per connection)."""
+    key = (os.getpid(), os.stat(conf.certfile).st_mtime, os.stat(conf.ca_certs).st_mtime)
     context = _contexts.get(key)
     if context is None:
         _contexts.clear()
@@ -129,7 +131,7 @@ def gunicorn_options(settings: Settings, listener: str, bind: str, workers: int)
         options.update(
             certfile=str(settings.tls_dir / "server.pem"),
             keyfile=str(settings.tls_dir / "server.key"),
-            ca_certs=str(home / "ca" / "chain.pem"),
+            ca_certs=str(home / "ca" / "trust.pem"),
             cert_reqs=ssl.CERT_OPTIONAL,
             ssl_context=cached_ssl_context,
         )
@@ -167,50 +169,54 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 
 def prepare(home: Path) -> Settings:
-    """Migrate the database and reconcile interrupted issuance before serving."""
-    from pki.service import Pki
+    """Migrate the database, reconcile interrupted issuance and write the CA files
+    (``ca/trust.pem`` included) before serving."""
+    from pki.bootstrap import export_ca_files
 
     pki = Pki.open(home)
     try:
         pki.reconcile_pending()
         pki.hsm.open()
+        export_ca_files(pki)
     finally:
         pki.close()
     return pki.settings
 
 
 class Publisher(threading.Thread):
-    """Keeps CRLs and pre-signed OCSP responses fresh (every ``interval`` seconds), in
-    the supervisor process with its own PKCS#11 session. Its thread runs niced: under a
-    burst of issuance it pre-signs later instead of slowing issuance (a certificate
+    """Keeps CRLs and pre-signed OCSP responses fresh (every ``interval`` seconds) with
+    the scheduler's core, in the leader's supervisor process only. Its thread runs niced:
+    under a burst of issuance it pre-signs later instead of slowing issuance (a certificate
     without a pre-signed response is answered live by the plain-HTTP app meanwhile)."""
 
-    def __init__(self, home: Path, interval: float = 1.0) -> None:
+    def __init__(self, pki: Pki, interval: float = 1.0) -> None:
         super().__init__(name="hsmca-publisher", daemon=True)
-        self.home = home
+        self.pki = pki
         self.interval = interval
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        from ca_service.logs import configure_logging
-        from pki.service import Pki
-
-        configure_logging()
         log = logging.getLogger("hsmca.publisher")
         with contextlib.suppress(OSError):  # background work yields the CPU to requests
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUBLISHER_NICENESS)
-        pki = Pki.open(self.home, upgrade=False)
-        try:
-            while not self.stop_event.is_set():
-                try:
-                    counts = pki.publish_due()
-                    if any(counts.values()):
-                        log.info("published", extra=counts)
-                except Exception:
-                    log.exception("publishing failed; retrying")
-                self.stop_event.wait(self.interval)
-        finally:
-            pki.close()
+        while not self.stop_event.is_set():
+            try:
+                counts = self.pki.publish_due()
+                if any(counts.values()):
+                    log.info("published", extra=counts)
+            except Exception:
+                log.exception("publishing failed; retrying")
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=GRACEFUL_SECONDS)
+
+
+def _start_publisher(pki: Pki) -> Callable[[], None]:
+    publisher = Publisher(pki)
+    publisher.start()
+    return publisher.stop
 
 
 def _die_with_parent() -> None:
@@ -235,7 +241,8 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
     settings = prepare(opts.home)
     _check_port_free(opts.host, opts.https_port, "https")
     _check_port_free(opts.host, opts.http_port, "http")
-    metrics_dir = opts.home / "run" / "metrics"
+    # per instance: several instances may serve one home (and share its database)
+    metrics_dir = opts.home / "run" / f"metrics-{os.getpid()}"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
@@ -262,8 +269,10 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
         name: subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
         for name, command in commands.items()
     }
-    publisher = Publisher(opts.home)
-    publisher.start()
+    scheduler = SchedulerService(
+        lambda: Pki.open(opts.home, upgrade=False), on_leader=_start_publisher
+    )
+    scheduler.start()
     _announce(settings, opts, announce)
     code = 0
     while not stopping:
@@ -274,7 +283,7 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
             break
         with contextlib.suppress(InterruptedError):
             signal.sigtimedwait([signal.SIGCHLD], 0.5)
-    publisher.stop_event.set()
+    scheduler.stop()
     for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -285,8 +294,9 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    publisher.join(timeout=GRACEFUL_SECONDS)
+    scheduler.join(timeout=GRACEFUL_SECONDS)
     shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     announce("hsmca stopped")
     return code
 

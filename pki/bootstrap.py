@@ -89,7 +89,7 @@ def initialise(
         _ensure_hierarchy(pki, report)
         _ensure_server_certificate(pki, report)
         _ensure_crls(pki, report)
-        _export(pki)
+        export_ca_files(pki)
     finally:
         pki.close()
     return report
@@ -245,15 +245,53 @@ def _ensure_crls(pki: Pki, report: InitReport) -> None:
             report.created.append(f"first CRL of {issuer.subject} at {path}")
 
 
-def _export(pki: Pki) -> None:
+def export_ca_files(pki: Pki) -> None:
+    """Write ``ca/root.pem``, the current issuing CA (``intermediate.pem``, ``chain.pem``)
+    and ``trust.pem``: every issuing CA still vouching for live certificates, and the
+    root, which the HTTPS listener uses to verify client certificates (so certificates of
+    a retired issuing CA still renew over mTLS during the overlap)."""
     ca_dir = pki.settings.home / "ca"
     ca_dir.mkdir(exist_ok=True)
     root = pki.root_issuer()
     issuing = pki.issuing_issuer()
     root_pem = pem_of(root.der)
+    now = pki.clock.now()
+    serving = [
+        i
+        for i in pki.issuers().values()
+        if i.kind == "intermediate" and (i.active or i.not_after > now)
+    ]
     _write_if_changed(ca_dir / "root.pem", root_pem)
     _write_if_changed(ca_dir / "intermediate.pem", pem_of(issuing.der))
     _write_if_changed(ca_dir / "chain.pem", pki.chain_pem(issuing.id) + root_pem)
+    _write_if_changed(ca_dir / "trust.pem", "".join(pem_of(i.der) for i in serving) + root_pem)
+
+
+def create_issuing_ca(pki: Pki, previous: Issuer) -> Issuer:
+    """A new issuing CA under the root, like ``previous`` (key type, name constraints):
+    its key generated in the HSM, its certificate, its OCSP responder. Returns it."""
+    s = pki.settings.ca
+    now = pki.clock.now().replace(microsecond=0)
+    number = sum(1 for i in pki.issuers(refresh=True).values() if i.kind == "intermediate") + 1
+    label = f"issuing-{number}"
+    report = InitReport(home=pki.settings.home)
+    key = _key(pki, label, previous.key_type, report)
+    root = pki.root_issuer()
+    cert = build_intermediate(
+        pki.signer(root.id),
+        key.public_key(),  # type: ignore[attr-defined]
+        ca_name(s.organisation, f"{s.organisation} Issuing CA {number}"),
+        new_serial(),
+        now - dt.timedelta(minutes=5),
+        now + parse_duration(s.issuing_ttl),
+        pki.urls,
+        s.name_constraints,
+    )
+    _add_issuer(pki, cert, "intermediate", root.id, label, previous.key_type, now)
+    issuer = pki.issuers(refresh=True)[issuer_id_for(cert.public_key())]
+    _issue_ocsp_responder(pki, issuer, report)
+    pki.publish_base_crls(issuer.id)
+    return pki.issuers(refresh=True)[issuer.id]
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -14,12 +14,24 @@ import tomllib
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pki.durations import parse_duration
-from pki.errors import ConfigError
+from pki.errors import BadDuration, ConfigError
 
 CONFIG_NAME = "hsmca.toml"
-SECTIONS = ("server", "database", "hsm", "ca", "acme", "policy", "crl", "ocsp", "profiles")
+SECTIONS = (
+    "server",
+    "database",
+    "hsm",
+    "ca",
+    "acme",
+    "policy",
+    "crl",
+    "ocsp",
+    "notify",
+    "profiles",
+)
 ENV_PREFIX = "HSMCA_"
 #: an ``acme.dns_resolver``: an IPv4 address or a bracketed IPv6 one, with an optional port
 _RESOLVER = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
@@ -93,6 +105,8 @@ class CaSettings:
     device_uri_template: str = "urn:dev:serial:{device_id}"
     backdate_seconds: int = 60
     pending_grace_seconds: int = 300
+    #: the scheduler replaces the issuing CA once it has used this fraction of its life
+    issuing_rotate_at: float = 0.75
 
 
 @dataclass(frozen=True)
@@ -125,7 +139,7 @@ class AcmeSettings:
             raise ConfigError("acme.orders_per_hour must be at least 1")
         if self.dns_resolver and not _RESOLVER.fullmatch(self.dns_resolver):
             raise ConfigError(
-                f"acme.dns_resolver {self.dns_resolver!r}: use \"\" (the system resolver), "
+                f'acme.dns_resolver {self.dns_resolver!r}: use "" (the system resolver), '
                 '"IP:PORT" or "[IPv6]:PORT"'
             )
 
@@ -144,6 +158,45 @@ class OcspSettings:
 
 
 @dataclass(frozen=True)
+class NotifySettings:
+    """Expiry notifications (:mod:`pki.expiry`): a signed webhook, e-mail, both or none."""
+
+    webhook_url: str = ""
+    #: file holding the HMAC-SHA256 key that signs webhook bodies (relative: to the home)
+    webhook_secret_file: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_from: str = "hsmca@localhost"
+    email_to: tuple[str, ...] = ()
+    #: thresholds of profiles without ``notify_before`` ([]: derived from each lifetime)
+    default_thresholds: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.webhook_url:  # never quoted: a webhook URL may carry a token
+            parts = urlsplit(self.webhook_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("notify.webhook_url must be an http:// or https:// URL")
+            if not self.webhook_secret_file:
+                raise ConfigError(
+                    "notify.webhook_url needs notify.webhook_secret_file: a file with the "
+                    "HMAC key, e.g. `openssl rand -hex 32 > secrets/webhook.key`"
+                )
+        if not 0 < self.smtp_port < 65536:
+            raise ConfigError("notify.smtp_port must be a port number (1-65535)")
+        if bool(self.smtp_host) != bool(self.email_to):
+            raise ConfigError("notify.smtp_host and notify.email_to: set both or neither")
+        _durations("notify.default_thresholds", self.default_thresholds)
+
+
+def _durations(name: str, values: tuple[str, ...]) -> tuple[dt.timedelta, ...]:
+    try:
+        return tuple(parse_duration(v) for v in values)
+    except BadDuration as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     max_names: int = 100
     allowed_key_types: tuple[str, ...] = ("rsa", "ec-p256", "ec-p384", "ed25519")
@@ -156,6 +209,8 @@ class ProfileSettings:
     max_ttl: str
     issuer: str = ""
     extended_key_usage: tuple[str, ...] = ()
+    #: expiry notification thresholds ([]: notify.default_thresholds, else derived)
+    notify_before: tuple[str, ...] = ()
 
     @property
     def default(self) -> dt.timedelta:
@@ -164,6 +219,10 @@ class ProfileSettings:
     @property
     def maximum(self) -> dt.timedelta:
         return parse_duration(self.max_ttl)
+
+    @property
+    def notify_deltas(self) -> tuple[dt.timedelta, ...]:
+        return tuple(parse_duration(v) for v in self.notify_before)
 
 
 DEFAULT_PROFILES: dict[str, ProfileSettings] = {
@@ -188,6 +247,7 @@ class Settings:
     profiles: dict[str, ProfileSettings]
     crl: CrlSettings = CrlSettings()
     ocsp: OcspSettings = OcspSettings()
+    notify: NotifySettings = NotifySettings()
 
     @property
     def secrets_dir(self) -> Path:
@@ -214,7 +274,7 @@ def default_document(home: Path) -> dict[str, Any]:
     """The configuration ``init`` writes for ``home``: every key with its default."""
     server = ServerSettings()
     profiles = {
-        name: {"default_ttl": p.default_ttl, "max_ttl": p.max_ttl}
+        name: {"default_ttl": p.default_ttl, "max_ttl": p.max_ttl, "notify_before": []}
         for name, p in DEFAULT_PROFILES.items()
     }
     return {
@@ -239,6 +299,7 @@ def default_document(home: Path) -> dict[str, Any]:
         "policy": _asdict(PolicySettings()),
         "crl": _asdict(CrlSettings()),
         "ocsp": _asdict(OcspSettings()),
+        "notify": _asdict(NotifySettings()),
         "profiles": profiles,
     }
 
@@ -343,6 +404,7 @@ def _build(home: Path, doc: dict[str, Any]) -> Settings:
                 raise ConfigError(f"profiles.{name}: default_ttl exceeds max_ttl")
         except ValueError as exc:
             raise ConfigError(f"profiles.{name}: {exc}") from None
+        _durations(f"profiles.{name}.notify_before", profile.notify_before)
         profiles[name] = profile
     return Settings(
         home=home,
@@ -355,6 +417,7 @@ def _build(home: Path, doc: dict[str, Any]) -> Settings:
         profiles=profiles,
         crl=_section(CrlSettings, doc["crl"], "crl"),
         ocsp=_section(OcspSettings, doc["ocsp"], "ocsp"),
+        notify=_section(NotifySettings, doc["notify"], "notify"),
     )
 
 

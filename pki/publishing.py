@@ -260,8 +260,8 @@ class PublishingMixin:
         debounce = dt.timedelta(seconds=self.settings.crl.debounce_seconds)
         with self._publish_lock:
             for issuer in self.issuers().values():  # type: ignore[attr-defined]
-                if not issuer.active:
-                    continue
+                if not issuer.active and not self._still_vouching(issuer, now):
+                    continue  # retired, and its last certificate has expired
                 base = self.store.latest_crl(issuer.id, 0, ("base",))
                 if base is None or base.next_update - now < base_half:
                     counts["base_crls"] += len(self.publish_base_crls(issuer.id))
@@ -288,6 +288,11 @@ class PublishingMixin:
                         counts["responders"] += 1
                     counts["ocsp"] += self.presign_ocsp(issuer.id)
         return counts
+
+    def _still_vouching(self, issuer: Issuer, now: dt.datetime) -> bool:
+        """A retired issuer keeps its CRLs and OCSP until its last certificate expires."""
+        last = self.store.lifecycle.last_expiry(issuer.id)
+        return last is not None and last > now
 
     # -- OCSP ------------------------------------------------------------------------------
 

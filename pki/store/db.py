@@ -39,7 +39,10 @@ from pki.store.driver import (
     WriterLock,
     sqlite_engine,
 )
+from pki.store.jobs_store import JobsStore, LeaderLock
+from pki.store.lifecycle_store import LifecycleStore
 from pki.store.models import ApiToken, AuditEvent, Certificate, Crl, Issuer, OcspResponse
+from pki.store.reports import Reports
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _AUDIT_LOCK_KEY = 0x68736D6361  # "hsmca"
@@ -200,6 +203,11 @@ class Store:
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
         #: the ACME server's queries
         self.acme = AcmeStore(self)
+        #: the scheduler's records
+        self.jobs = JobsStore(self)
+        self.reports = Reports(self)
+        #: the lifecycle jobs' queries
+        self.lifecycle = LifecycleStore(self)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -241,6 +249,10 @@ class Store:
     def _ro(self) -> Iterator[Session]:
         with self._read() as session, session.begin():
             yield session
+
+    def leader_lock(self) -> LeaderLock:
+        """A lock that one process of all sharing this database can hold (the scheduler)."""
+        return LeaderLock(self)
 
     def ping(self) -> None:
         """Raise if the database cannot answer a trivial query."""

@@ -7,7 +7,8 @@ import os
 from alembic import context
 from sqlalchemy import create_engine
 
-import pki.store.acme_models  # noqa: F401  (registers the ACME tables)
+import pki.store.acme_models
+import pki.store.jobs_models  # noqa: F401  (registers the scheduler's tables)
 from pki.store.models import Base
 
 config = context.config
