@@ -115,9 +115,11 @@ def pass_home(fn: Callable[..., Any]) -> Callable[..., Any]:
 # The sub-command modules register themselves on ``main``.
 from cli import (  # noqa: E402,F401
     acme_commands,
+    agent_commands,
     ca_commands,
     cert_commands,
     init_commands,
+    jobs_commands,
     serve_commands,
     token_commands,
 )
