@@ -23,7 +23,7 @@ MISSING_PKGS := $(strip $(if $(SOFTHSM_LIB),,softhsm2) \
                 $(if $(shell command -v pkcs11-tool 2>/dev/null),,opensc) \
                 $(if $(shell command -v openssl 2>/dev/null),,openssl))
 
-.PHONY: venv softhsm acme-clients test run lint bench clean
+.PHONY: venv softhsm acme-clients dashboard-browser test run lint bench clean
 
 ## venv: create .venv and (re)install the project when pyproject.toml changes
 venv: $(STAMP)
@@ -76,8 +76,24 @@ ifneq ($(ACME_PKGS),)
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y $(ACME_PKGS)
 endif
 
+# Debian's chromium: tests/test_dashboard.py renders the operator dashboard in it (headless)
+# and checks the numbers it shows against the API.
+
+## dashboard-browser: make sure chromium is installed (the dashboard test needs it)
+dashboard-browser:
+ifeq ($(shell command -v chromium 2>/dev/null),)
+	@if [[ $$(id -u) -eq 0 ]]; then sudo=""; \
+	elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "error: the dashboard test needs chromium: run \`sudo apt-get install chromium\`" >&2; \
+	  exit 1; fi; \
+	set -ex; \
+	$$sudo apt-get update; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+	@command -v chromium >/dev/null || { echo "error: chromium still missing" >&2; exit 1; }
+endif
+
 ## test: full test suite (pytest with 2 xdist workers) followed by ruff
-test: venv softhsm acme-clients
+test: venv softhsm acme-clients dashboard-browser
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
 

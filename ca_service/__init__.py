@@ -52,9 +52,11 @@ def create_app(
     if listener == "https":
         from acme_server import acme
         from ca_service.api import api
+        from ca_service.dashboard import dashboard
 
         app.register_blueprint(api)
         app.register_blueprint(acme)
+        app.register_blueprint(dashboard)
     else:
         # served only on the Unix socket of the OCSP front end, which states the client
         # address in X-Forwarded-For (replacing whatever the client sent)
