@@ -238,6 +238,9 @@ def serve(opts: ServeOptions, announce: Callable[[str], None] = print) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    from ca_service.logs import configure_logging
+
+    configure_logging()  # the scheduler, publisher and jobs log from this process
     settings = prepare(opts.home)
     _check_port_free(opts.host, opts.https_port, "https")
     _check_port_free(opts.host, opts.http_port, "http")

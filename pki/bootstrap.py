@@ -274,8 +274,7 @@ def create_issuing_ca(pki: Pki, previous: Issuer) -> Issuer:
     now = pki.clock.now().replace(microsecond=0)
     number = sum(1 for i in pki.issuers(refresh=True).values() if i.kind == "intermediate") + 1
     label = f"issuing-{number}"
-    report = InitReport(home=pki.settings.home)
-    key = _key(pki, label, previous.key_type, report)
+    key = _key(pki, label, previous.key_type, InitReport(home=pki.settings.home))
     root = pki.root_issuer()
     cert = build_intermediate(
         pki.signer(root.id),
@@ -283,15 +282,21 @@ def create_issuing_ca(pki: Pki, previous: Issuer) -> Issuer:
         ca_name(s.organisation, f"{s.organisation} Issuing CA {number}"),
         new_serial(),
         now - dt.timedelta(minutes=5),
-        now + parse_duration(s.issuing_ttl),
+        min(now + parse_duration(s.issuing_ttl), root.not_after),
         pki.urls,
         s.name_constraints,
     )
     _add_issuer(pki, cert, "intermediate", root.id, label, previous.key_type, now)
     issuer = pki.issuers(refresh=True)[issuer_id_for(cert.public_key())]
-    _issue_ocsp_responder(pki, issuer, report)
-    pki.publish_base_crls(issuer.id)
+    ensure_ocsp_responder(pki, issuer)
     return pki.issuers(refresh=True)[issuer.id]
+
+
+def ensure_ocsp_responder(pki: Pki, issuer: Issuer) -> None:
+    """Give ``issuer`` its OCSP responder (key in the HSM, certificate) and first CRLs."""
+    _issue_ocsp_responder(pki, issuer, InitReport(home=pki.settings.home))
+    pki.publish_base_crls(issuer.id)
+    pki.issuers(refresh=True)
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -108,6 +108,10 @@ class CaSettings:
     #: the scheduler replaces the issuing CA once it has used this fraction of its life
     issuing_rotate_at: float = 0.75
 
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.issuing_rotate_at < 1:
+            raise ConfigError("ca.issuing_rotate_at must be at least 0.1 and below 1")
+
 
 @dataclass(frozen=True)
 class AcmeSettings:

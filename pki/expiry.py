@@ -2,7 +2,7 @@
 renewed, by signed webhook and/or e-mail, once per certificate, threshold and channel.
 
 *Close* is per profile: ``profiles.<name>.notify_before`` (e.g. ``["2h", "30m"]``), else
-``notify.default_thresholds``, else a third and a tenth of the profile's ``default_ttl``
+``notify.default_thresholds``, else a quarter and a tenth of the profile's ``default_ttl``
 (24h: 8h and 2.4h before expiry; 90d: 30d and 9d). Certificates whose profile is no longer
 configured use ``notify.default_thresholds`` and are not scanned without it.
 
@@ -87,7 +87,9 @@ def thresholds_for(
     elif notify.default_thresholds:
         deltas = tuple(parse_duration(t) for t in notify.default_thresholds)
     elif profile is not None:
-        deltas = (profile.default / 3, profile.default / 10)
+        # a quarter: well after the renewal point (two thirds of the life, +-5 % for the
+        # agent), so a healthy renewal never looks overdue
+        deltas = (profile.default / 4, profile.default / 10)
     else:
         deltas = ()
     whole = {dt.timedelta(seconds=int(d.total_seconds())) for d in deltas}

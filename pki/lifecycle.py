@@ -49,7 +49,7 @@ def rotate_issuing_cas(pki: Pki) -> dict[str, Any]:
     """Replace the newest active issuing CA once it has used ``ca.issuing_rotate_at`` of
     its life: a new key in the HSM, a certificate from the root, an OCSP responder; the
     old CA stops issuing but keeps its CRLs and OCSP until its last certificate expires."""
-    from pki.bootstrap import create_issuing_ca, export_ca_files
+    from pki.bootstrap import create_issuing_ca, ensure_ocsp_responder, export_ca_files
 
     now = pki.clock.now()
     active = [
@@ -58,12 +58,21 @@ def rotate_issuing_cas(pki: Pki) -> dict[str, Any]:
     if not active:
         return {"rotated": 0}
     current = active[-1]
+    summary: dict[str, Any] = {"rotated": 0}
+    if len(active) > 1:  # a rotation was cut short before the old CA was retired
+        if not current.ocsp_serial:
+            ensure_ocsp_responder(pki, current)
+        for old in active[:-1]:
+            _retire(pki, old, current)
+        export_ca_files(pki)
+        summary["completed"] = len(active) - 1
     if _used(current.not_before, current.not_after, now) < pki.settings.ca.issuing_rotate_at:
-        return {"rotated": 0}
+        return summary
     new = create_issuing_ca(pki, current)
     _retire(pki, current, new)
     export_ca_files(pki)
-    return {"rotated": 1}
+    summary["rotated"] = 1
+    return summary
 
 
 def _retire(pki: Pki, old: Issuer, new: Issuer) -> None:

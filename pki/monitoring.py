@@ -19,7 +19,7 @@ EXPIRY_WINDOWS = {
 @dataclass(frozen=True)
 class CaState:
     """Gauges: certificates expiring per (profile, window); seconds until the earliest
-    expiry of a CA certificate still in use; age of the newest CRL; pre-signed OCSP
+    expiry of an active CA certificate; age of the newest CRL; pre-signed OCSP
     responses past their nextUpdate; when each job last succeeded (Unix time)."""
 
     expiring: dict[tuple[str, str], int]
@@ -32,7 +32,7 @@ class CaState:
 def ca_state(pki: Pki) -> CaState:
     now = pki.clock.now()
     lifecycle = pki.store.lifecycle
-    in_use = [i for i in pki.issuers().values() if i.active or i.not_after > now]
+    in_use = [i for i in pki.issuers().values() if i.active]  # a retired CA is no alarm
     earliest = min((i.not_after for i in in_use), default=now)
     built = lifecycle.newest_crl_built_at()
     return CaState(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import threading
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 
 #: certificates pre-signed per transaction: the writer lock is held only briefly
 PRESIGN_BATCH = 100
+
+log = logging.getLogger("hsmca.publisher")
 
 
 class PublishingMixin:
@@ -259,35 +262,52 @@ class PublishingMixin:
         delta_half = parse_duration(self.settings.crl.delta_validity) / 2
         debounce = dt.timedelta(seconds=self.settings.crl.debounce_seconds)
         with self._publish_lock:
-            for issuer in self.issuers().values():  # type: ignore[attr-defined]
+            for issuer in list(self.issuers().values()):  # type: ignore[attr-defined]
+                if issuer.not_after <= now:
+                    continue  # an expired CA vouches for nothing any more
                 if not issuer.active and not self._still_vouching(issuer, now):
                     continue  # retired, and its last certificate has expired
-                base = self.store.latest_crl(issuer.id, 0, ("base",))
-                if base is None or base.next_update - now < base_half:
-                    counts["base_crls"] += len(self.publish_base_crls(issuer.id))
-                    base = self.store.latest_crl(issuer.id, 0, ("base",))
-                assert base is not None
-                delta = self.store.latest_crl(issuer.id, 0, ("delta",))
-                if delta is not None and delta.base_number != base.number:
-                    delta = None
-                covered = delta.built_at if delta is not None else base.built_at
-                newest = self.store.latest_revocation(issuer.id)
-                revoked_since = newest is not None and newest > covered
-                if revoked_since and now - newest < debounce:  # type: ignore[operator]
-                    continue  # more may follow: one CRL for the whole burst
-                if revoked_since:
-                    counts["base_crls"] += len(self.publish_base_crls(issuer.id, "full"))
-                needs_delta = issuer.kind != "root" and (
-                    delta is None or delta.next_update - now < delta_half
-                )
-                if revoked_since or needs_delta:
-                    counts["delta_crls"] += len(self.publish_delta_crls(issuer.id))
-                if issuer.kind == "intermediate" and issuer.ocsp_serial:
-                    if self._responder_due(issuer):
-                        self.issue_ocsp_responder(issuer.id)
-                        counts["responders"] += 1
-                    counts["ocsp"] += self.presign_ocsp(issuer.id)
+                try:
+                    self._publish_issuer(issuer, now, counts, base_half, delta_half, debounce)
+                except Exception:
+                    # one issuer's trouble must not stop the others' CRLs and OCSP
+                    log.exception("publishing failed", extra={"issuer": issuer.id})
         return counts
+
+    def _publish_issuer(
+        self,
+        issuer: Issuer,
+        now: dt.datetime,
+        counts: dict[str, int],
+        base_half: dt.timedelta,
+        delta_half: dt.timedelta,
+        debounce: dt.timedelta,
+    ) -> None:
+        base = self.store.latest_crl(issuer.id, 0, ("base",))
+        if base is None or base.next_update - now < base_half:
+            counts["base_crls"] += len(self.publish_base_crls(issuer.id))
+            base = self.store.latest_crl(issuer.id, 0, ("base",))
+        assert base is not None
+        delta = self.store.latest_crl(issuer.id, 0, ("delta",))
+        if delta is not None and delta.base_number != base.number:
+            delta = None
+        covered = delta.built_at if delta is not None else base.built_at
+        newest = self.store.latest_revocation(issuer.id)
+        revoked_since = newest is not None and newest > covered
+        if revoked_since and now - newest < debounce:  # type: ignore[operator]
+            return  # more may follow: one CRL for the whole burst
+        if revoked_since:
+            counts["base_crls"] += len(self.publish_base_crls(issuer.id, "full"))
+        needs_delta = issuer.kind != "root" and (
+            delta is None or delta.next_update - now < delta_half
+        )
+        if revoked_since or needs_delta:
+            counts["delta_crls"] += len(self.publish_delta_crls(issuer.id))
+        if issuer.kind == "intermediate" and issuer.ocsp_serial:
+            if self._responder_due(issuer):
+                self.issue_ocsp_responder(issuer.id)
+                counts["responders"] += 1
+            counts["ocsp"] += self.presign_ocsp(issuer.id)
 
     def _still_vouching(self, issuer: Issuer, now: dt.datetime) -> bool:
         """A retired issuer keeps its CRLs and OCSP until its last certificate expires."""
@@ -297,7 +317,9 @@ class PublishingMixin:
     # -- OCSP ------------------------------------------------------------------------------
 
     def _issuer(self, issuer_id: str) -> Issuer:
-        issuer = self.issuers().get(issuer_id)  # type: ignore[attr-defined]
+        issuer = self.issuers().get(issuer_id) or self.issuers(  # type: ignore[attr-defined]
+            refresh=True
+        ).get(issuer_id)
         if issuer is None:
             raise NotFound(f"no issuer {issuer_id!r}")
         return issuer

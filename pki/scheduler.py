@@ -13,6 +13,7 @@ now.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -106,6 +107,13 @@ JOBS: dict[str, JobSpec] = {
 }
 
 
+def _running(scheduler: Any) -> bool:
+    """APScheduler 3 can lose its main thread to a job-store error while still saying it
+    runs; a leader whose scheduler thread died stands down so another can take over."""
+    thread = getattr(scheduler, "_thread", None)
+    return bool(scheduler.running and thread is not None and thread.is_alive())
+
+
 def instance_name(prefix: str = "") -> str:
     """``host:pid`` of this process (``prefix`` distinguishes CLI runs)."""
     return f"{prefix}{socket.gethostname()}:{os.getpid()}"
@@ -169,19 +177,35 @@ class SchedulerService(threading.Thread):
         self._stop_extra: Callable[[], None] | None = None
         try:
             while not self._stop_event.is_set():
-                if lock.try_acquire():
-                    scheduler = self._lead(pki)
-                    break
+                try:
+                    if scheduler is None:
+                        if lock.try_acquire():
+                            scheduler = self._lead(pki)
+                    elif not lock.still_held() or not _running(scheduler):
+                        log.warning("lost the leader lock or the scheduler stopped; standing down")
+                        self._stand_down(scheduler, lock)
+                        scheduler = None
+                except Exception:
+                    log.exception("scheduler error; retrying")
+                    self._stand_down(scheduler, lock)
+                    scheduler = None
                 self._stop_event.wait(self._poll)
-            self._stop_event.wait()
         finally:
-            if self._stop_extra is not None:
-                self._stop_extra()
-            if scheduler is not None:
-                scheduler.shutdown(wait=True)
-            _active.clear()
-            lock.release()
+            self._stand_down(scheduler, lock)
             pki.close()
+
+    def _stand_down(self, scheduler: Any, lock: Any) -> None:
+        """Stop whatever runs as leader and release the lock (safe to call twice)."""
+        self.is_leader.clear()
+        if self._stop_extra is not None:
+            with contextlib.suppress(Exception):
+                self._stop_extra()
+            self._stop_extra = None
+        if scheduler is not None:
+            with contextlib.suppress(Exception):
+                scheduler.shutdown(wait=True)
+        _active.clear()
+        lock.release()
 
     def _lead(self, pki: Pki) -> Any:
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
@@ -189,7 +213,12 @@ class SchedulerService(threading.Thread):
 
         log.info("this instance is the scheduler", extra={"instance": self.instance})
         _active.update(pki=pki, instance=self.instance)
-        store = SQLAlchemyJobStore(url=pki.store.url, tablename="apscheduler_jobs")
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if pki.store.is_sqlite:
+            options["connect_args"] = {"timeout": 30}  # waits for our writers, not 5 s
+        store = SQLAlchemyJobStore(
+            url=pki.store.url, tablename="apscheduler_jobs", engine_options=options
+        )
         scheduler = BackgroundScheduler(
             jobstores={"default": store},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},

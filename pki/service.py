@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,8 @@ from pki.signer import (
 )
 from pki.store import CertificateQuery, Issuer, Store
 
+#: how often a process re-reads the issuers (to see a rotation done by another process)
+ISSUER_REFRESH_SECONDS = 30.0
 #: device ids must fit a subject serialNumber (PrintableString) and a URN unescaped
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,63}$")
 
@@ -82,6 +85,7 @@ class Pki(AccessMixin, PublishingMixin):
         self._chains: dict[str, str] = {}
         self._publishing_init()
         self._issuers: dict[str, Issuer] | None = None
+        self._issuers_read = 0.0
 
     @classmethod
     def open(
@@ -117,12 +121,23 @@ class Pki(AccessMixin, PublishingMixin):
     # -- issuers ---------------------------------------------------------------------------
 
     def issuers(self, refresh: bool = False) -> dict[str, Issuer]:
-        if self._issuers is None or refresh:
-            self._issuers = {i.id: i for i in self.store.issuers()}
-            self._signers.clear()
-            self._chains.clear()
-            self._responders.clear()
-            self._ocsp_hashes = None
+        """The issuers by id. Re-read every :data:`ISSUER_REFRESH_SECONDS` (another
+        process may have rotated the issuing CA); the caches built on them are dropped only
+        when something changed."""
+        now = time.monotonic()
+        if self._issuers is None or refresh or now - self._issuers_read > ISSUER_REFRESH_SECONDS:
+            fresh = {i.id: i for i in self.store.issuers()}
+            self._issuers_read = now
+            if (
+                refresh
+                or self._issuers is None
+                or _issuer_state(fresh) != _issuer_state(self._issuers)
+            ):
+                self._signers.clear()
+                self._chains.clear()
+                self._responders.clear()
+                self._ocsp_hashes = None
+            self._issuers = fresh
         return self._issuers
 
     def root_issuer(self) -> Issuer:
@@ -500,7 +515,7 @@ class Pki(AccessMixin, PublishingMixin):
 
     def issuer_der(self, issuer_id: str) -> bytes:
         """The DER certificate of issuer ``issuer_id`` (the AIA caIssuers document)."""
-        issuer = self.issuers().get(issuer_id)
+        issuer = self.issuers().get(issuer_id) or self.issuers(refresh=True).get(issuer_id)
         if issuer is None:
             raise NotFound(f"no issuer {issuer_id!r}")
         return issuer.der
@@ -509,6 +524,10 @@ class Pki(AccessMixin, PublishingMixin):
 
     def verify_audit(self) -> VerifyResult:
         return verify_chain(self.store.audit_events())
+
+
+def _issuer_state(issuers: dict[str, Issuer]) -> set[tuple[str, bool, str | None]]:
+    return {(i.id, i.active, i.ocsp_serial) for i in issuers.values()}
 
 
 def _names_from_tags(tags: list[str]) -> RequestedNames:

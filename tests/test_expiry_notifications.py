@@ -214,7 +214,7 @@ def test_each_threshold_notifies_once_by_webhook_and_email(
     smtp: tuple[Inbox, int],
     expiry_log: LogLines,
 ) -> None:
-    """A 24h certificate (thresholds 8h and 2.4h, derived) gets one signed webhook and one
+    """A 24h certificate (thresholds 6h and 2.4h, derived) gets one signed webhook and one
     e-mail at each threshold, and nothing more however often the scan runs."""
     inbox, port = smtp
     configure(fresh_home, {**webhook_config(fresh_home, webhook), **smtp_config(port)})
@@ -223,7 +223,7 @@ def test_each_threshold_notifies_once_by_webhook_and_email(
     assert record.not_after == clock.now() + 24 * HOUR
 
     assert expiry_scan(core, sleep=no_sleep()) == counts()
-    clock.advance(16 * HOUR + MINUTE)  # 7h59m left: past the 8h threshold
+    clock.advance(18 * HOUR + MINUTE)  # 5h59m left: past the 6h threshold
     assert expiry_scan(core, sleep=no_sleep()) == counts(expiring=1, due=2, sent=2)
     assert expiry_scan(core, sleep=no_sleep()) == counts(expiring=1)
     assert len(webhook.requests) == 1 and len(inbox.messages) == 1
@@ -233,7 +233,7 @@ def test_each_threshold_notifies_once_by_webhook_and_email(
     assert hmac.compare_digest(headers["X-Hsmca-Signature"], expected)
     assert headers["Content-Type"] == "application/json"
     assert int(headers["X-Hsmca-Timestamp"]) == int(clock.now().timestamp())
-    assert headers["X-Hsmca-Delivery"] == f"{record.serial}/8h"
+    assert headers["X-Hsmca-Delivery"] == f"{record.serial}/6h"
     payload = json.loads(body)
     assert payload == {
         "event": "certificate.expiring",
@@ -244,27 +244,27 @@ def test_each_threshold_notifies_once_by_webhook_and_email(
         "profile": "mtls",
         "not_before": record.not_before.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "threshold": "8h",
-        "threshold_seconds": 8 * 3600,
-        "seconds_left": 7 * 3600 + 59 * 60,
+        "threshold": "6h",
+        "threshold_seconds": 6 * 3600,
+        "seconds_left": 5 * 3600 + 59 * 60,
         "sent_at": clock.now().strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     rcpt, message = inbox.messages[0]
     assert rcpt == ["ops@example.test"]
     assert message["From"] == "hsmca@localhost"
-    assert message["Subject"] == "[hsmca] certificate for expiring.svc.test expires in 7h 59m"
+    assert message["Subject"] == "[hsmca] certificate for expiring.svc.test expires in 5h 59m"
     assert record.serial in message.get_content()
 
-    clock.advance(6 * HOUR)  # 1h59m left: past 2.4h (144m)
+    clock.advance(4 * HOUR)  # 1h59m left: past 2.4h (144m)
     assert expiry_scan(core, sleep=no_sleep()) == counts(expiring=1, due=2, sent=2)
     assert expiry_scan(core, sleep=no_sleep()) == counts(expiring=1)
-    assert [p["threshold"] for p in webhook.payloads()] == ["8h", "144m"]
+    assert [p["threshold"] for p in webhook.payloads()] == ["6h", "144m"]
     assert len(inbox.messages) == 2
 
     rows = core.store.jobs.notifications(record.serial)
     assert {(r.threshold, r.channel) for r in rows} == {
-        ("8h", "webhook"),
-        ("8h", "email"),
+        ("6h", "webhook"),
+        ("6h", "email"),
         ("144m", "webhook"),
         ("144m", "email"),
     }
@@ -290,7 +290,7 @@ def test_renewed_certificates_are_not_notified(
     core.revoke(issue(core, "revoked.svc.test").serial, "superseded", operator("test"))
     issue(core, "other.svc.test", profile="mtls-client")
 
-    clock.advance(15 * HOUR + MINUTE)  # the originals have 7h59m left, renewals 8h59m
+    clock.advance(17 * HOUR + MINUTE)  # the originals have 5h59m left, renewals 6h59m
     assert expiry_scan(core, sleep=no_sleep()) == counts(
         expiring=2, renewed_skipped=1, due=2, sent=2
     )
@@ -326,7 +326,7 @@ def test_webhook_retries_with_back_off_then_delivers_once(
     webhook.script = [503, 503]
     core = open_core()
     record = issue(core, "retry.svc.test")
-    clock.advance(16 * HOUR + MINUTE)
+    clock.advance(18 * HOUR + MINUTE)
     delays: list[float] = []
     assert expiry_scan(core, sleep=no_sleep(delays)) == counts(expiring=1, due=1, sent=1)
     assert delays == [0.5, 1.0]
@@ -354,7 +354,7 @@ def test_a_webhook_that_never_accepts_is_recorded_failed_and_not_retried(
     first = issue(core, "down-1.svc.test")
     clock.advance(MINUTE)
     second = issue(core, "down-2.svc.test")
-    clock.advance(16 * HOUR + MINUTE)
+    clock.advance(18 * HOUR + MINUTE)
     assert expiry_scan(core, sleep=no_sleep()) == counts(expiring=2, due=1, failed=1, deferred=1)
     assert len(webhook.requests) == 3
     [row] = core.store.jobs.notifications(first.serial)
@@ -396,11 +396,11 @@ def test_the_scheduler_job_runs_the_scan(open_core: Any, clock: FrozenClock) -> 
 def test_thresholds_are_derived_from_the_lifetime_unless_configured() -> None:
     notify = NotifySettings()
     assert thresholds_for(ProfileSettings("24h", "30d"), notify) == (
-        8 * HOUR,
+        6 * HOUR,
         dt.timedelta(hours=2.4),
     )
     days = dt.timedelta(days=1)
-    assert thresholds_for(ProfileSettings("90d", "90d"), notify) == (30 * days, 9 * days)
+    assert thresholds_for(ProfileSettings("90d", "90d"), notify) == (22.5 * days, 9 * days)
     chosen = ProfileSettings("24h", "30d", notify_before=("30m", "2h", "2h"))
     assert thresholds_for(chosen, notify) == (2 * HOUR, 30 * MINUTE)
     fallback = NotifySettings(default_thresholds=("1h",))
@@ -479,10 +479,10 @@ def _paged_scan(core: Pki, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch) 
     renewed = issue(core, "page-renewed.svc.test")
     clock.advance(HOUR)
     core.renew(der_of(renewed))
-    clock.advance(15 * HOUR + MINUTE)
+    clock.advance(17 * HOUR + MINUTE)
     assert expiry_scan(core) == counts(expiring=3, renewed_skipped=1)
     jobs = core.store.jobs
-    until = clock.now() + 8 * HOUR
+    until = clock.now() + 6 * HOUR
     found = jobs.expiry_candidates(clock.now(), until, ["mtls"])
     assert found.renewed == 1
     assert [c.serial for c in jobs.expiring_certificates(found.unrenewed)] == serials

@@ -9,6 +9,8 @@ from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
+import pytest
+
 from pki.scheduler import JOBS
 from tests.conftest import RunningService, initialise
 from tests.helpers import hsmca_json
@@ -66,3 +68,47 @@ def test_two_instances_run_each_job_once_and_fail_over(tmp_path: Path) -> None:
         for service in (first, second):
             if service.process.poll() is None:
                 assert service.stop() == 0
+
+
+def test_sqlite_leader_lock_is_exclusive_until_released(tmp_path: Path) -> None:
+    from pki.store import Store
+
+    url = f"sqlite:///{tmp_path / 'lock.db'}"
+    first, second = Store(url), Store(url)
+    a, b = first.leader_lock(), second.leader_lock()
+    try:
+        assert a.try_acquire() and a.still_held()
+        assert not b.try_acquire()
+        a.release()
+        assert not a.still_held()
+        assert b.try_acquire()
+    finally:
+        a.release()
+        b.release()
+        first.dispose()
+        second.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_leader_lock_is_lost_with_its_session(pg_home: Path) -> None:
+    """A leader whose database session dropped learns it has lost the lock, and a
+    standby can take it (no two schedulers at once)."""
+    from sqlalchemy import text
+
+    from pki.service import Pki
+
+    first, second = Pki.open(pg_home), Pki.open(pg_home)
+    a, b = first.store.leader_lock(), second.store.leader_lock()
+    try:
+        assert a.try_acquire() and not b.try_acquire()
+        pid = a._conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with second.store.engine.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            conn.commit()
+        assert not a.still_held()
+        assert b.try_acquire()
+    finally:
+        a.release()
+        b.release()
+        first.close()
+        second.close()

@@ -3,6 +3,7 @@ that lets exactly one scheduler run across workers and instances."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import os
@@ -94,6 +95,21 @@ class LeaderLock:
         conn.close()
         return False
 
+    def still_held(self) -> bool:
+        """True while the lock is ours: a PostgreSQL session that dropped (server restart,
+        killed backend) has lost it, and the holder must stand down."""
+        if self._fd is not None:
+            return True
+        if self._conn is None:
+            return False
+        try:
+            self._conn.execute(text("SELECT 1"))
+            self._conn.commit()
+        except Exception:
+            self.release()
+            return False
+        return True
+
     @property
     def held(self) -> bool:
         return self._fd is not None or self._conn is not None
@@ -103,7 +119,8 @@ class LeaderLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
         if self._conn is not None:
-            self._conn.close()  # the session ends: PostgreSQL drops its advisory locks
+            with contextlib.suppress(Exception):
+                self._conn.close()  # the session ends: PostgreSQL drops its advisory locks
             self._conn = None
 
 

@@ -27,12 +27,15 @@ class LifecycleStore:
             self._store._append_audit(s, record)
 
     def last_expiry(self, issuer_id: str) -> dt.datetime | None:
-        """When the last certificate ``issuer_id`` signed (good or revoked) expires."""
+        """When the last certificate ``issuer_id`` signed for a subscriber (good or revoked)
+        expires."""
         with self._store._ro() as s:
             found = s.execute(
                 select(func.max(Certificate.not_after)).where(
                     Certificate.issuer_id == issuer_id,
                     Certificate.status.in_(("good", "revoked")),
+                    # its own OCSP responder certificate would keep a retired CA alive
+                    Certificate.profile != "ocsp-responder",
                 )
             ).scalar()
         if found is not None and found.tzinfo is None:
@@ -57,15 +60,15 @@ class LifecycleStore:
         return {"acme_orders": orders, "acme_challenges": challenges, "acme_nonces": nonces}
 
     def purge_tokens(self, before: dt.datetime, record: AuditRecord) -> int:
-        """Delete enrolment tokens that expired, or were single-use and used, before
-        ``before`` (their hashes are useless by then; the audit log keeps their history)."""
+        """Delete single-use enrolment tokens spent or expired before ``before`` (their
+        hashes are useless by then; the audit log keeps their history)."""
         with self._store._tx() as s:
+            # only single-use enrolment tokens: a long-lived token's name stays reserved,
+            # since certificates name their requester and renewals act as it
             done = s.execute(
                 delete(ApiToken).where(
-                    or_(
-                        ApiToken.expires_at < before,
-                        ApiToken.single_use.is_(True) & (ApiToken.used_at < before),
-                    )
+                    ApiToken.single_use.is_(True),
+                    or_(ApiToken.expires_at < before, ApiToken.used_at < before),
                 )
             ).rowcount
             if done:
