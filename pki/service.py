@@ -399,6 +399,11 @@ class Pki(AccessMixin, PublishingMixin):
                 raise Forbidden(f"{why} ({', '.join(row.sans)})")
         lifetime = row.not_after - row.not_before
         lifetime -= dt.timedelta(seconds=self.settings.ca.backdate_seconds)
+        old_issuer = self.issuers().get(row.issuer_id)
+        if old_issuer is not None and row.not_after >= old_issuer.not_after:
+            # cut short by its issuing CA's end of life: renew with the profile's lifetime,
+            # not the shortened one (which would otherwise be inherited from then on)
+            lifetime = profile.default_ttl
         lifetime = min(max(lifetime, dt.timedelta(minutes=5)), profile.max_ttl)
         return self.issue_for_key(
             public_key,

@@ -183,3 +183,22 @@ def test_ca_state_gauges(short_lived_ca: tuple[Path, MovableClock]) -> None:
         assert ca_state(core).stale_ocsp_responses >= 1  # 1h responses, nobody refreshed
     finally:
         core.close()
+
+
+def test_renewal_of_a_certificate_cut_short_by_its_ca_gets_the_full_lifetime(
+    short_lived_ca: tuple[Path, MovableClock],
+) -> None:
+    home, clock = short_lived_ca
+    core = Pki.open(home, clock=clock)
+    try:
+        clock.move_to(START + dt.timedelta(days=9, hours=18))  # the CA has 6 h left
+        _, clamped = _issue(core, "clamped.rotation.test")
+        old_ca = core.issuing_issuer()
+        assert clamped.not_valid_after_utc == old_ca.not_after  # 1d asked, 6h given
+        assert run_job(core, "rotate-issuing-ca", "test")[1]["rotated"] == 1
+        renewed = core.renew(clamped.public_bytes(serialization.Encoding.DER))
+        lifetime = renewed.not_after - renewed.not_before
+        assert lifetime >= dt.timedelta(hours=24)  # the profile's, not the 6 h inherited
+        assert renewed.issuer_id == core.issuing_issuer().id != old_ca.id
+    finally:
+        core.close()
