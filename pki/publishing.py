@@ -69,6 +69,9 @@ class PublishingMixin:
         self._ocsp_hashes: dict[CertIdKey, str] | None = None
         self._publish_lock = threading.Lock()
         self._crls: dict[str, tuple[dt.datetime, bytes]] = {}
+        #: when each retired issuer's last subscriber certificate expires (fixed once it is
+        #: retired: it signs none after), so the per-second publisher asks only once
+        self._retired_until: dict[str, dt.datetime | None] = {}
 
     # -- CRLs ------------------------------------------------------------------------------
 
@@ -311,7 +314,9 @@ class PublishingMixin:
 
     def _still_vouching(self, issuer: Issuer, now: dt.datetime) -> bool:
         """A retired issuer keeps its CRLs and OCSP until its last certificate expires."""
-        last = self.store.lifecycle.last_expiry(issuer.id)
+        if issuer.id not in self._retired_until:
+            self._retired_until[issuer.id] = self.store.lifecycle.last_expiry(issuer.id)
+        last = self._retired_until[issuer.id]
         return last is not None and last > now
 
     # -- OCSP ------------------------------------------------------------------------------

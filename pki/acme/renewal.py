@@ -10,6 +10,7 @@ from cryptography import x509
 from pki.acme.jws import b64u, b64u_decode
 from pki.acme.problems import AcmeProblem
 from pki.errors import NotFound
+from pki.records import iso
 from pki.serials import serial_hex
 from pki.store import Certificate, Store
 
@@ -29,7 +30,8 @@ class RenewalWindow:
     retry_after: int  # seconds
 
     def to_json(self) -> dict[str, dict[str, str]]:
-        return {"suggestedWindow": {"start": _rfc3339(self.start), "end": _rfc3339(self.end)}}
+        start, end = (iso(t.replace(microsecond=0)) for t in (self.start, self.end))
+        return {"suggestedWindow": {"start": start, "end": end}}
 
 
 def cert_id(cert: x509.Certificate) -> str:
@@ -92,7 +94,3 @@ def suggested_window(
 def _serial_bytes(serial: int) -> bytes:
     # DER INTEGER content: big-endian, a leading zero when the high bit is set
     return serial.to_bytes(serial.bit_length() // 8 + 1, "big")
-
-
-def _rfc3339(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
