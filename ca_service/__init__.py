@@ -1,6 +1,6 @@
 """The hsmca web service: a Flask app factory with one blueprint per protocol.
 
-``create_app(home, listener="https")`` serves the REST API and ACME (and later EST);
+``create_app(home, listener="https")`` serves the REST API, ACME and EST;
 ``listener="http"`` serves the plain-HTTP documents (issuer certificates, CRLs, OCSP)
 behind :mod:`ca_service.ocsp_front`, which answers pre-signed OCSP itself.
 Views only parse input, call one :mod:`pki` use-case and format the result.
@@ -53,8 +53,12 @@ def create_app(
         from acme_server import acme
         from ca_service.api import api
         from ca_service.dashboard import dashboard
+        from ca_service.devices_api import devices
+        from ca_service.est import est
 
         app.register_blueprint(api)
+        app.register_blueprint(devices)
+        app.register_blueprint(est)
         app.register_blueprint(acme)
         app.register_blueprint(dashboard)
     else:

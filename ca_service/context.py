@@ -52,6 +52,19 @@ def peer_certificate() -> bytes | None:
         return None
 
 
+def tls_unique() -> bytes | None:
+    """The tls-unique channel binding of this TLS connection (RFC 5929), if there is one."""
+    sock = request.environ.get("gunicorn.socket")
+    binding = getattr(sock, "get_channel_binding", None)
+    if binding is None:
+        return None
+    try:
+        value = binding("tls-unique")
+    except (ValueError, OSError):
+        return None
+    return value or None
+
+
 def bearer_actor(required: bool = True) -> Actor | None:
     """The actor behind ``Authorization: Bearer``; Unauthorised if missing or invalid."""
     if "actor" in g:

@@ -33,6 +33,11 @@ ISSUANCE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
 ISSUED = Counter("hsmca_certificates_issued_total", "Certificates issued", ["profile"])
+DEVICE_ENROLMENTS = Counter(
+    "hsmca_device_enrolments_total",
+    "Device certificates issued through EST or the devices API",
+    ["route", "method"],
+)
 REVOKED = Counter("hsmca_certificates_revoked_total", "Certificates revoked", ["profile"])
 HSM_SIGN_SECONDS = Histogram(
     "hsmca_hsm_sign_seconds",

@@ -75,7 +75,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(errors.HsmcaError)
     def _core(exc: errors.HsmcaError) -> Response:
         status = status_for(exc)
-        headers = {"WWW-Authenticate": 'Bearer realm="hsmca"'} if status == 401 else None
+        headers = {"WWW-Authenticate": _challenge()} if status == 401 else None
         title = _TITLES.get(status, "Error")
         if status >= 500:
             log.error("request failed: %s", exc, extra={"kind": exc.kind})
@@ -100,6 +100,13 @@ def register(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
         return problem(500, "Internal Server Error", "an unexpected error occurred", "internal")
+
+
+def _challenge() -> str:
+    """The WWW-Authenticate challenge of a 401: EST devices answer Basic (RFC 7030 3.2.3)."""
+    if request.path.startswith("/.well-known/est/"):
+        return 'Basic realm="hsmca EST"'
+    return 'Bearer realm="hsmca"'
 
 
 DRAIN_LIMIT = 1 << 20

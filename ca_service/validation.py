@@ -18,10 +18,9 @@ class Field:
     max_length: int = 65536
 
 
-def json_body(
-    request: Request, fields: tuple[Field, ...], optional: bool = False
-) -> dict[str, Any]:
-    """Parse the request body as a JSON object with exactly ``fields``."""
+def raw_body(request: Request) -> bytes:
+    """The request body; 413 when it is over ``server.max_body_bytes`` (also when it
+    came without a Content-Length)."""
     raw = request.get_data(cache=True)
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     # werkzeug stops a body without Content-Length at the limit instead of refusing it
@@ -32,6 +31,14 @@ def json_body(
         and request.environ["wsgi.input"].read(1)
     ):
         raise ApiError(413, f"request body larger than {limit} bytes", "content-too-large")
+    return raw
+
+
+def json_body(
+    request: Request, fields: tuple[Field, ...], optional: bool = False
+) -> dict[str, Any]:
+    """Parse the request body as a JSON object with exactly ``fields``."""
+    raw = raw_body(request)
     if not raw.strip():
         if optional:
             return {}

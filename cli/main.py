@@ -118,6 +118,7 @@ from cli import (  # noqa: E402,F401
     agent_commands,
     ca_commands,
     cert_commands,
+    device_commands,
     init_commands,
     jobs_commands,
     serve_commands,

@@ -23,6 +23,8 @@ class Actor:
     max_ttl: dt.timedelta | None = None
     #: the single-use token this actor authenticated with; consumed by its first issuance
     single_use_token_id: int | None = None
+    #: the one-time device enrolment credential this actor presented; consumed likewise
+    enrollment_credential_id: int | None = None
 
     @functools.cached_property
     def name_policy(self) -> NamePolicy:

@@ -247,9 +247,10 @@ def _ensure_crls(pki: Pki, report: InitReport) -> None:
 
 def export_ca_files(pki: Pki) -> None:
     """Write ``ca/root.pem``, the current issuing CA (``intermediate.pem``, ``chain.pem``)
-    and ``trust.pem``: every issuing CA still vouching for live certificates, and the
-    root, which the HTTPS listener uses to verify client certificates (so certificates of
-    a retired issuing CA still renew over mTLS during the overlap)."""
+    and ``trust.pem``: every issuing CA still vouching for live certificates, the root,
+    and the configured manufacturer CAs, which the HTTPS listener uses to verify client
+    certificates (so certificates of a retired issuing CA still renew over mTLS during
+    the overlap, and devices can present an IDevID)."""
     ca_dir = pki.settings.home / "ca"
     ca_dir.mkdir(exist_ok=True)
     root = pki.root_issuer()
@@ -264,7 +265,12 @@ def export_ca_files(pki: Pki) -> None:
     _write_if_changed(ca_dir / "root.pem", root_pem)
     _write_if_changed(ca_dir / "intermediate.pem", pem_of(issuing.der))
     _write_if_changed(ca_dir / "chain.pem", pki.chain_pem(issuing.id) + root_pem)
-    _write_if_changed(ca_dir / "trust.pem", "".join(pem_of(i.der) for i in serving) + root_pem)
+    # the manufacturer CAs let devices present their IDevID over TLS; the EST views still
+    # tell an IDevID from a certificate of this CA (pki.manufacturer)
+    _write_if_changed(
+        ca_dir / "trust.pem",
+        "".join(pem_of(i.der) for i in serving) + root_pem + pki.manufacturers.pem(),
+    )
 
 
 def create_issuing_ca(pki: Pki, previous: Issuer) -> Issuer:

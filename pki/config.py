@@ -30,6 +30,7 @@ SECTIONS = (
     "crl",
     "ocsp",
     "notify",
+    "devices",
     "profiles",
 )
 ENV_PREFIX = "HSMCA_"
@@ -149,6 +150,24 @@ class AcmeSettings:
 
 
 @dataclass(frozen=True)
+class DeviceSettings:
+    """Device enrolment (EST and ``/api/v1/devices``)."""
+
+    #: the profile devices enrol with (a ``device`` or ``device-*`` profile)
+    profile: str = "device"
+    #: lifetime of a one-time enrolment credential unless ``--ttl`` says otherwise
+    credential_ttl: str = "24h"
+    #: PEM bundle of the manufacturer CAs whose IDevID certificates may enrol over mTLS
+    #: ("" = none; relative paths are relative to the home)
+    manufacturer_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.profile != "device" and not self.profile.startswith("device-"):
+            raise ConfigError('devices.profile must be "device" or a "device-..." profile')
+        _durations("devices.credential_ttl", (self.credential_ttl,))
+
+
+@dataclass(frozen=True)
 class CrlSettings:
     shards: int = 1
     validity: str = "24h"
@@ -252,6 +271,7 @@ class Settings:
     crl: CrlSettings = CrlSettings()
     ocsp: OcspSettings = OcspSettings()
     notify: NotifySettings = NotifySettings()
+    devices: DeviceSettings = DeviceSettings()
 
     @property
     def secrets_dir(self) -> Path:
@@ -260,6 +280,12 @@ class Settings:
     @property
     def tls_dir(self) -> Path:
         return self.home / "tls"
+
+    @property
+    def manufacturer_ca_path(self) -> Path | None:
+        """The IDevID manufacturer CA bundle, if one is configured."""
+        name = self.devices.manufacturer_ca_file
+        return (self.home / name) if name else None
 
     def hsm_pin(self) -> str:
         """The user PIN: ``HSMCA_HSM__PIN`` or the PIN file. Raises ConfigError if neither."""
@@ -304,6 +330,7 @@ def default_document(home: Path) -> dict[str, Any]:
         "crl": _asdict(CrlSettings()),
         "ocsp": _asdict(OcspSettings()),
         "notify": _asdict(NotifySettings()),
+        "devices": _asdict(DeviceSettings()),
         "profiles": profiles,
     }
 
@@ -422,6 +449,7 @@ def _build(home: Path, doc: dict[str, Any]) -> Settings:
         crl=_section(CrlSettings, doc["crl"], "crl"),
         ocsp=_section(OcspSettings, doc["ocsp"], "ocsp"),
         notify=_section(NotifySettings, doc["notify"], "notify"),
+        devices=_section(DeviceSettings, doc["devices"], "devices"),
     )
 
 

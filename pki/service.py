@@ -21,10 +21,11 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from pki.access import AccessMixin, CreatedToken, token_digest
-from pki.actors import Actor
+from pki.actors import SYSTEM, Actor
 from pki.audit import AuditRecord, VerifyResult, verify_chain
 from pki.clock import Clock, SystemClock
 from pki.config import Settings, load_settings, resolve_home
+from pki.devices import DevicesMixin
 from pki.errors import (
     Conflict,
     Forbidden,
@@ -71,7 +72,7 @@ class IssueRequest:
     device_id: str | None = None
 
 
-class Pki(AccessMixin, PublishingMixin):
+class Pki(AccessMixin, DevicesMixin, PublishingMixin):
     """The core of one process: settings, store, HSM and clock, plus the use-cases."""
 
     def __init__(self, settings: Settings, store: Store, hsm: Hsm, clock: Clock) -> None:
@@ -223,14 +224,12 @@ class Pki(AccessMixin, PublishingMixin):
             self._authorise_issue(actor, profile, names)
             lifetime = resolve_ttl(profile, ttl, actor.max_ttl)
             subject = end_entity_subject(names, common_name, device_id if profile.device else None)
+            if profile.device and self.store.devices.status(device_id or "") == "revoked":
+                raise Forbidden(f"device {device_id} is revoked and cannot enrol again")
         except (PolicyError, Forbidden) as exc:
-            self._refused(actor, action, None, str(exc))
+            self._refused(actor, action, device_id, str(exc))
             raise
-        if actor.single_use_token_id is not None and not self.store.use_single_use_token(
-            actor.single_use_token_id
-        ):
-            self._refused(actor, action, None, "single-use token already used")
-            raise Unauthorised("single-use token already used")
+        self._claim_single_use(actor, action)
         issuer = self.signer(self.issuing_issuer(profile.issuer or None).id)
         now = self.clock.now()
         not_before = now - dt.timedelta(seconds=self.settings.ca.backdate_seconds)
@@ -252,6 +251,7 @@ class Pki(AccessMixin, PublishingMixin):
                 "spki": spki,
                 "not_before": not_before.replace(microsecond=0),
                 "not_after": not_after.replace(microsecond=0),
+                "device_id": device_id if profile.device else None,
             }
         )
         request = EndEntityRequest(
@@ -280,6 +280,8 @@ class Pki(AccessMixin, PublishingMixin):
                 },
             ),
         )
+        if profile.device and device_id:
+            self._note_device_certificate(device_id, serial, str((details or {}).get("via", "api")))
         return CertificateRecord(
             serial=serial,
             issuer_id=issuer.id,
@@ -295,6 +297,27 @@ class Pki(AccessMixin, PublishingMixin):
             certificate_pem=pem_of(der),
             chain_pem=self.chain_pem(issuer.id),
         )
+
+    def _claim_single_use(self, actor: Actor, action: str) -> None:
+        """Consume the single-use token or enrolment credential ``actor`` presented."""
+        if actor.single_use_token_id is not None and not self.store.use_single_use_token(
+            actor.single_use_token_id
+        ):
+            self._refused(actor, action, None, "single-use token already used")
+            raise Unauthorised("single-use token already used")
+        if actor.enrollment_credential_id is not None and not (
+            self.store.devices.claim_credential(actor.enrollment_credential_id)
+        ):
+            self._refused(actor, action, None, "enrolment credential already used or expired")
+            raise Unauthorised("the enrolment credential was already used or has expired")
+
+    def _note_device_certificate(self, device_id: str, serial: str, via: str) -> None:
+        """Record the device's new certificate in the inventory. A device revoked while
+        this certificate was being signed loses it at once (its revocation could not see
+        the row in time)."""
+        if self.store.devices.note_certificate(device_id, serial, via) == "revoked":
+            self.revoke(serial, "cessationOfOperation", SYSTEM)
+            raise Forbidden(f"device {device_id} is revoked and cannot enrol again")
 
     def _names_for(
         self, profile: Profile, names: RequestedNames, device_id: str | None
@@ -373,14 +396,20 @@ class Pki(AccessMixin, PublishingMixin):
             raise Unauthorised("client certificate is revoked or expired")
         return CertificateRecord.from_row(row, self.clock.now(), self.chain_pem(row.issuer_id))
 
-    def renew(self, presented_der: bytes, csr: str | bytes | None = None) -> CertificateRecord:
+    def renew(
+        self,
+        presented_der: bytes,
+        csr: str | bytes | None = None,
+        action: str = "certificate.renew",
+        details: dict[str, object] | None = None,
+    ) -> CertificateRecord:
         """A new certificate for the identity of ``presented_der`` (same names and profile),
         for a new key from ``csr`` or the same key; authenticated by the TLS handshake."""
         current = self.authenticate_certificate(presented_der)
         row = self.store.certificate(current.serial)
         actor = Actor(name=row.requester, role="issuer", allowed_names=("*",))
         profile = self.profiles.get(row.profile)
-        device_id = row.common_name if profile.device else None
+        device_id = (row.device_id or row.common_name) if profile.device else None
         if csr is None:
             public_key = load_der_public_key(row.spki)
             names = _names_from_tags(row.sans)
@@ -389,13 +418,18 @@ class Pki(AccessMixin, PublishingMixin):
             try:
                 parsed = parse_csr(csr, self.settings.policy)
             except PolicyError as exc:
-                self._refused(actor, "certificate.renew", row.serial, str(exc))
+                self._refused(actor, action, row.serial, str(exc))
                 raise
             public_key, common_name = parsed.public_key, row.common_name
-            names = self._names_for(profile, parsed.names, device_id)
+            # a device's identity is its id (checked by the caller), not the CSR's names
+            names = (
+                _names_from_tags(row.sans)
+                if profile.device and action == "device.reenroll"
+                else self._names_for(profile, parsed.names, device_id)
+            )
             if set(names.tagged()) != set(row.sans):
                 why = "a renewal must request the same names as the current certificate"
-                self._refused(actor, "certificate.renew", row.serial, why)
+                self._refused(actor, action, row.serial, why)
                 raise Forbidden(f"{why} ({', '.join(row.sans)})")
         lifetime = row.not_after - row.not_before
         lifetime -= dt.timedelta(seconds=self.settings.ca.backdate_seconds)
@@ -413,8 +447,13 @@ class Pki(AccessMixin, PublishingMixin):
             lifetime,
             actor,
             device_id,
-            action="certificate.renew",
-            details={"renewal_of": row.serial, "authenticated_by": "mtls"},
+            action=action,
+            details={
+                "renewal_of": row.serial,
+                "authenticated_by": "mtls",
+                "via": "renewal",
+                **(details or {}),
+            },
         )
 
     # -- reading ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pki.audit import GENESIS, AuditRecord, StoredEvent, canonical_body, chain_h
 from pki.clock import Clock, SystemClock
 from pki.errors import Conflict, InvalidInput, NotFound
 from pki.store.acme_store import AcmeStore
+from pki.store.device_store import DeviceStore
 from pki.store.driver import (
     Checkpointer,
     CompiledStatement,
@@ -63,6 +64,7 @@ _PENDING_DEFAULTS: dict[str, Any] = {
     "invalidity_date": None,
     "der": None,
     "crl_shard": 0,
+    "device_id": None,
 }
 _INSERT_AUDIT = _AUDIT.insert()
 _LAST_AUDIT = select(_AUDIT.c.id, _AUDIT.c.hash).order_by(_AUDIT.c.id.desc()).limit(1)
@@ -208,6 +210,8 @@ class Store:
         self.reports = Reports(self)
         #: the lifecycle jobs' queries
         self.lifecycle = LifecycleStore(self)
+        #: the device inventory and enrolment credentials
+        self.devices = DeviceStore(self)
 
     # -- plumbing --------------------------------------------------------------------------
 

@@ -100,6 +100,8 @@ class Certificate(Base):
     #: the CRL partition named in this certificate's CDP, fixed at issuance
     crl_shard: Mapped[int] = mapped_column(SmallInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: the device a ``device`` profile certificate identifies (None for the others)
+    device_id: Mapped[str | None] = mapped_column(String(64))
 
     # Few indexes on purpose: each one is written by every issuance. State-specific
     # look-ups use partial indexes that only pending or revoked rows enter.
@@ -110,6 +112,12 @@ class Certificate(Base):
             "created_at",
             sqlite_where=text("status = 'pending'"),
             postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_certificates_device_id",
+            "device_id",
+            sqlite_where=text("device_id IS NOT NULL"),
+            postgresql_where=text("device_id IS NOT NULL"),
         ),
         # covering: a CRL of a million entries is read from this index alone
         Index(

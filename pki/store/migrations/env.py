@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import pki.store.acme_models
+import pki.store.device_models
 import pki.store.jobs_models  # noqa: F401  (registers the scheduler's tables)
 from pki.store.models import Base
 
