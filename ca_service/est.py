@@ -86,30 +86,35 @@ def _csr_body() -> bytes:
 
 def device_auth() -> DeviceAuth:
     """Who the enrolling device is: HTTP Basic ``DEVICE_ID:SECRET``, ``Bearer SECRET``,
-    or an IDevID client certificate; Unauthorised otherwise."""
+    or an IDevID client certificate; Unauthorised (and audited) otherwise."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode()
         except (binascii.Error, ValueError):
-            raise Unauthorised("malformed HTTP Basic credentials") from None
+            raise _refused("malformed HTTP Basic credentials") from None
         # device ids may contain ':', secrets never do: split at the last one
         device_id, sep, secret = decoded.rpartition(":")
         if not sep or not device_id or not secret:
-            raise Unauthorised("HTTP Basic credentials must be DEVICE_ID:SECRET")
+            raise _refused("HTTP Basic credentials must be DEVICE_ID:SECRET")
         return core().authenticate_device_secret(secret, device_id)
     if scheme.lower() == "bearer" and value.strip():
         return core().authenticate_device_secret(value.strip())
     if header:
-        raise Unauthorised(
+        raise _refused(
             "unsupported Authorization scheme: use Basic DEVICE_ID:SECRET or Bearer SECRET"
         )
     presented = peer_certificate()
     if presented is not None:
         return core().authenticate_idevid(presented)
-    core().audit_refusal("device.enroll", None, "no credential")
-    raise Unauthorised(
+    raise _refused(
         "enrolment needs HTTP Basic DEVICE_ID:SECRET (a one-time enrolment credential from "
         "`hsmca device enroll-token`), Bearer SECRET, or an IDevID client certificate"
     )
+
+
+def _refused(why: str) -> Unauthorised:
+    """An audited refusal to authenticate a device."""
+    core().audit_refusal("device.enroll", None, why)
+    return Unauthorised(why)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ca_service.openapi_devices import DEVICE_SCHEMAS, device_paths
 from pki.revocation import REASONS
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
@@ -181,6 +182,7 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            **device_paths(_json, _problems),
             "/api/v1/ca": {
                 "get": {
                     "operationId": "getCa",
@@ -205,6 +207,7 @@ def document() -> dict[str, Any]:
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "mutualTLS": {"type": "mutualTLS"},
+                "enrolmentCredential": {"type": "http", "scheme": "bearer"},
             },
             "schemas": {
                 "IssueRequest": {
@@ -229,6 +232,7 @@ def document() -> dict[str, Any]:
                     "properties": {"csr": {"type": "string"}},
                 },
                 "Certificate": _CERTIFICATE,
+                **DEVICE_SCHEMAS,
                 "CertificateList": {
                     "type": "object",
                     "required": ["items", "next_cursor"],

@@ -105,24 +105,26 @@ def read_device_ids(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise InvalidInput(f"{path}: not UTF-8 text") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].lstrip().startswith("#")]
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    reader = csv.reader(io.StringIO(text))
+    rows: list[tuple[int, list[str]]] = []  # (line in the file, cells)
+    for row in reader:
+        if row and not row[0].lstrip().startswith("#") and any(c.strip() for c in row):
+            rows.append((reader.line_num, row))
     if not rows:
         raise InvalidInput(
             f"{path}: no device ids (expected a device_id column or one id per line)"
         )
-    header = [cell.strip().lower() for cell in rows[0]]
+    header = [cell.strip().lower() for cell in rows[0][1]]
     if "device_id" in header:
-        column = header.index("device_id")
-        body = rows[1:]
+        column, body = header.index("device_id"), rows[1:]
     elif len(header) == 1:
         column, body = 0, rows
     else:
         raise InvalidInput(f"{path}: several columns but none is named device_id")
     ids: list[str] = []
-    for line, row in enumerate(body, 2 if body is not rows else 1):
+    for line, row in body:
         if column >= len(row) or not row[column].strip():
-            raise InvalidInput(f"{path}: row {line} has no device_id")
+            raise InvalidInput(f"{path}: line {line} has no device_id")
         ids.append(row[column].strip())
     if not ids:
         raise InvalidInput(f"{path}: no device ids below the header")

@@ -7,13 +7,11 @@ import contextlib
 import datetime as dt
 import functools
 import hmac
+import re
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 from pki.access import token_digest
 from pki.actors import Actor
@@ -34,6 +32,8 @@ if TYPE_CHECKING:
     from pki.store import Store
 
 CREDENTIAL_PREFIX = "hsmcad_"
+#: device ids must fit a subject serialNumber (PrintableString) and a URN unescaped
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,63}")
 #: credentials committed (and audited) per transaction when provisioning in bulk
 PROVISION_CHUNK = 5000
 MAX_CREDENTIAL_TTL = dt.timedelta(days=366)
@@ -42,9 +42,7 @@ MAX_CREDENTIAL_TTL = dt.timedelta(days=366)
 def check_device_id(device_id: str) -> str:
     """``device_id`` if it can be a subject serialNumber and part of a URI; else
     InvalidInput with the rule."""
-    from pki.service import DEVICE_ID
-
-    if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
         raise InvalidInput(
             f"invalid device id {device_id!r}: use 1-64 characters of A-Z a-z 0-9 . : - "
             "starting with a letter or digit"
@@ -233,7 +231,7 @@ class DevicesMixin:
             enrollment_credential_id=auth.credential_id,
         )
         try:
-            parsed = parse_csr(csr, self.settings.policy)
+            parsed = parse_csr(csr, self.settings.policy, names_from_cn=False)
             bound = _check_device_csr(
                 parsed, auth.device_id, self._device_uri(auth.device_id), tls_unique
             )
@@ -262,7 +260,7 @@ class DevicesMixin:
         device_id = row.device_id or row.common_name
         actor = Actor(name=row.requester, role="issuer")
         try:
-            parsed = parse_csr(csr, self.settings.policy)
+            parsed = parse_csr(csr, self.settings.policy, names_from_cn=False)
             if self.profiles.get(row.profile).device and device_id:
                 bound = _check_device_csr(
                     parsed, device_id, self._device_uri(device_id), tls_unique
@@ -342,18 +340,14 @@ def _check_device_csr(
             f"the CSR names device {named!r} but the credential is for device {device_id!r} "
             "(put the device id in the subject serialNumber or CN)"
         )
-    try:
-        parsed.csr.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-    except x509.ExtensionNotFound:
-        pass  # names derived from the CN only: the identity comes from the credential
-    else:
-        own = {f"uri:{device_uri}", f"dns:{device_id.lower()}"}
-        extra = [n for n in parsed.names.tagged() if n not in own]
-        if extra:
-            raise Forbidden(
-                f"a device certificate names only its device ({device_uri}); the CSR also "
-                f"asks for {', '.join(extra[:5])}"
-            )
+    # parsed without names from the CN: these are the CSR's SAN entries
+    own = {f"uri:{device_uri}", f"dns:{device_id.lower()}"}
+    extra = [n for n in parsed.names.tagged() if n not in own]
+    if extra:
+        raise Forbidden(
+            f"a device certificate names only its device ({device_uri}); the CSR also "
+            f"asks for {', '.join(extra[:5])}"
+        )
     return _check_channel_binding(parsed, tls_unique)
 
 

@@ -91,11 +91,13 @@ def _retire(pki: Pki, old: Issuer, new: Issuer) -> None:
 
 def purge_stale(pki: Pki) -> dict[str, Any]:
     """Delete ACME orders that expired unfinished a day ago (with their authorizations and
-    challenges), expired nonce records, and enrolment tokens spent or expired 30 days ago."""
+    challenges), expired nonce records, and enrolment tokens and device enrolment
+    credentials spent or expired 30 days ago."""
     now = pki.clock.now()
     counts: dict[str, Any] = pki.store.lifecycle.purge_acme(now - ACME_KEEP, now)
     counts["tokens"] = pki.store.lifecycle.purge_tokens(
         now - TOKEN_KEEP,
         AuditRecord(action="token.purge", actor=SYSTEM.name, details={"before": str(now)}),
     )
+    counts["device_credentials"] = pki.store.devices.purge_credentials(now - TOKEN_KEEP)
     return counts

@@ -65,7 +65,10 @@ class ManufacturerTrust:
         except ValueError:
             raise Unauthorised("the client certificate cannot be parsed") from None
         if not any(_issued_by(cert, ca) for ca in self.certificates()):
-            raise Unauthorised("the client certificate is not from a trusted manufacturer CA")
+            raise Unauthorised(
+                "the client certificate is not from a trusted manufacturer CA (a device "
+                "renewing a certificate issued here uses simplereenroll)"
+            )
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise Unauthorised("the IDevID certificate is not valid at this time")
         for oid in (NameOID.SERIAL_NUMBER, NameOID.COMMON_NAME):

@@ -166,8 +166,10 @@ def _dedupe(items: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def parse_csr(data: str | bytes, settings: PolicySettings) -> ParsedCsr:
-    """Parse and check a CSR (signature, key, CA:true, names). Raises BadCsr."""
+def parse_csr(data: str | bytes, settings: PolicySettings, names_from_cn: bool = True) -> ParsedCsr:
+    """Parse and check a CSR (signature, key, CA:true, names). Raises BadCsr. Without a
+    SAN, the CN is taken as the name to certify, unless ``names_from_cn`` is false (a
+    device's CN is a label such as "Acme Sensor 2", not a host name)."""
     csr = load_csr(data)
     if not csr.is_signature_valid:
         raise BadCsr("the CSR's signature does not verify with its own public key")
@@ -207,7 +209,7 @@ def parse_csr(data: str | bytes, settings: PolicySettings) -> ParsedCsr:
     common_name = str(cn_attrs[0].value).strip() if cn_attrs else None
     subject_serial = str(sn_attrs[0].value).strip() if sn_attrs else None
     names = RequestedNames(_dedupe(dns), _dedupe(ips), _dedupe(uris))
-    if common_name and not names.all():
+    if names_from_cn and common_name and not names.all():
         names = classify_names([common_name])
     if len(names.all()) > settings.max_names:
         raise BadCsr(f"too many names: {len(names.all())} (at most {settings.max_names})")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pki.actors import SYSTEM, Actor
 from pki.audit import AuditRecord, VerifyResult, verify_chain
 from pki.clock import Clock, SystemClock
 from pki.config import Settings, load_settings, resolve_home
-from pki.devices import DevicesMixin
+from pki.devices import DEVICE_ID, DevicesMixin
 from pki.errors import (
     Conflict,
     Forbidden,
@@ -55,11 +54,10 @@ from pki.signer import (
     spki_der,
 )
 from pki.store import CertificateQuery, Issuer, Store
+from pki.store.device_store import DeviceNote, SingleUseClaim
 
 #: how often a process re-reads the issuers (to see a rotation done by another process)
 ISSUER_REFRESH_SECONDS = 30.0
-#: device ids must fit a subject serialNumber (PrintableString) and a URN unescaped
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,7 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
         """Issue from a CSR after policy checks; the row is committed before the HSM signs."""
         try:
             profile = self.profiles.get(request.profile)
-            parsed = parse_csr(request.csr, self.settings.policy)
+            parsed = parse_csr(request.csr, self.settings.policy, not profile.device)
         except PolicyError as exc:
             self._refused(actor, "certificate.issue", None, str(exc))
             raise
@@ -229,7 +227,6 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
         except (PolicyError, Forbidden) as exc:
             self._refused(actor, action, device_id, str(exc))
             raise
-        self._claim_single_use(actor, action)
         issuer = self.signer(self.issuing_issuer(profile.issuer or None).id)
         now = self.clock.now()
         not_before = now - dt.timedelta(seconds=self.settings.ca.backdate_seconds)
@@ -240,6 +237,7 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
         spki = spki_der(public_key)
         subject_text = subject.rfc4514_string()
         serial = self._reserve_serial(
+            _claim_of(actor),
             {
                 "issuer_id": issuer.id,
                 "subject": subject_text,
@@ -252,7 +250,9 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
                 "not_before": not_before.replace(microsecond=0),
                 "not_after": not_after.replace(microsecond=0),
                 "device_id": device_id if profile.device else None,
-            }
+            },
+            actor,
+            action,
         )
         request = EndEntityRequest(
             serial=int(serial, 16),
@@ -264,7 +264,12 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
             profile=profile,
         )
         der = build_end_entity(issuer, request, self.urls).public_bytes(Encoding.DER)
-        self.store.complete_issuance(
+        note = (
+            DeviceNote(device_id, str((details or {}).get("via", "api")))
+            if profile.device and device_id
+            else None
+        )
+        device_status = self.store.complete_issuance(
             serial,
             der,
             AuditRecord(
@@ -279,9 +284,13 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
                     **(details or {}),
                 },
             ),
+            note,
         )
-        if profile.device and device_id:
-            self._note_device_certificate(device_id, serial, str((details or {}).get("via", "api")))
+        if device_status == "revoked":
+            # revoked while this certificate was being signed (the revocation could not
+            # see the row in time): it is revoked before anyone receives it
+            self.revoke(serial, "cessationOfOperation", SYSTEM)
+            raise Forbidden(f"device {device_id} is revoked and cannot enrol again")
         return CertificateRecord(
             serial=serial,
             issuer_id=issuer.id,
@@ -298,27 +307,6 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
             chain_pem=self.chain_pem(issuer.id),
         )
 
-    def _claim_single_use(self, actor: Actor, action: str) -> None:
-        """Consume the single-use token or enrolment credential ``actor`` presented."""
-        if actor.single_use_token_id is not None and not self.store.use_single_use_token(
-            actor.single_use_token_id
-        ):
-            self._refused(actor, action, None, "single-use token already used")
-            raise Unauthorised("single-use token already used")
-        if actor.enrollment_credential_id is not None and not (
-            self.store.devices.claim_credential(actor.enrollment_credential_id)
-        ):
-            self._refused(actor, action, None, "enrolment credential already used or expired")
-            raise Unauthorised("the enrolment credential was already used or has expired")
-
-    def _note_device_certificate(self, device_id: str, serial: str, via: str) -> None:
-        """Record the device's new certificate in the inventory. A device revoked while
-        this certificate was being signed loses it at once (its revocation could not see
-        the row in time)."""
-        if self.store.devices.note_certificate(device_id, serial, via) == "revoked":
-            self.revoke(serial, "cessationOfOperation", SYSTEM)
-            raise Forbidden(f"device {device_id} is revoked and cannot enrol again")
-
     def _names_for(
         self, profile: Profile, names: RequestedNames, device_id: str | None
     ) -> RequestedNames:
@@ -330,7 +318,7 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
             raise PolicyError(
                 "the device profile needs a device id (CSR subject serialNumber or CN)"
             )
-        if not DEVICE_ID.match(device_id):
+        if not DEVICE_ID.fullmatch(device_id):
             raise PolicyError(
                 f"invalid device id {device_id!r}: it becomes the subject serialNumber and a "
                 "URI, so use 1-64 characters of A-Z a-z 0-9 . : -"
@@ -349,17 +337,23 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
         except NameNotAllowed as exc:
             raise Forbidden(str(exc)) from None
 
-    def _reserve_serial(self, values: dict[str, object]) -> str:
+    def _reserve_serial(
+        self, claim: SingleUseClaim | None, values: dict[str, object], actor: Actor, action: str
+    ) -> str:
+        """Commit the pending row under a fresh serial, spending ``claim`` with it."""
         for _ in range(5):
             number = new_serial()
             serial = serial_hex(number)
             try:
                 self.store.insert_pending(
-                    dict(values, serial=serial, crl_shard=self.urls.shard_of(number))
+                    dict(values, serial=serial, crl_shard=self.urls.shard_of(number)), claim
                 )
                 return serial
             except Conflict:
                 continue
+            except Unauthorised as exc:
+                self._refused(actor, action, None, str(exc))
+                raise
         raise HsmcaError("could not allocate a unique serial number")
 
     def audit_refusal(
@@ -416,7 +410,7 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
             common_name = row.common_name
         else:
             try:
-                parsed = parse_csr(csr, self.settings.policy)
+                parsed = parse_csr(csr, self.settings.policy, not profile.device)
             except PolicyError as exc:
                 self._refused(actor, action, row.serial, str(exc))
                 raise
@@ -572,6 +566,15 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
 
 def _issuer_state(issuers: dict[str, Issuer]) -> set[tuple[str, bool, str | None]]:
     return {(i.id, i.active, i.ocsp_serial) for i in issuers.values()}
+
+
+def _claim_of(actor: Actor) -> SingleUseClaim | None:
+    """The single-use secret ``actor`` authenticated with, spent by its first issuance."""
+    if actor.single_use_token_id is not None:
+        return SingleUseClaim("token", actor.single_use_token_id)
+    if actor.enrollment_credential_id is not None:
+        return SingleUseClaim("credential", actor.enrollment_credential_id)
+    return None
 
 
 def _names_from_tags(tags: list[str]) -> RequestedNames:

@@ -30,9 +30,9 @@ from sqlalchemy.pool import NullPool
 
 from pki.audit import GENESIS, AuditRecord, StoredEvent, canonical_body, chain_hash
 from pki.clock import Clock, SystemClock
-from pki.errors import Conflict, InvalidInput, NotFound
+from pki.errors import Conflict, InvalidInput, NotFound, Unauthorised
 from pki.store.acme_store import AcmeStore
-from pki.store.device_store import DeviceStore
+from pki.store.device_store import DeviceNote, DeviceStore, SingleUseClaim
 from pki.store.driver import (
     Checkpointer,
     CompiledStatement,
@@ -421,11 +421,19 @@ class Store:
 
     # -- certificates ----------------------------------------------------------------------
 
-    def insert_pending(self, values: dict[str, Any]) -> None:
-        """Commit the to-be-signed record in state ``pending``; Conflict if the serial exists."""
+    def insert_pending(self, values: dict[str, Any], claim: SingleUseClaim | None = None) -> None:
+        """Commit the to-be-signed record in state ``pending``, spending ``claim`` in the
+        same transaction; Conflict if the serial exists, Unauthorised (nothing written) if
+        the claim was spent already."""
         row = dict(_PENDING_DEFAULTS, **values, status="pending", created_at=self.clock.now())
         try:
             with self._raw_tx() as cursor:
+                if claim is not None and not self.devices.claim(cursor, claim):
+                    raise Unauthorised(
+                        "single-use token already used"
+                        if claim.kind == "token"
+                        else "the enrolment credential was already used or has expired"
+                    )
                 self._fast.insert_certificate.run(cursor, row)
         except self.engine.dialect.loaded_dbapi.IntegrityError:
             # Only a taken serial is a Conflict (the caller retries with another); any
@@ -439,13 +447,17 @@ class Store:
             found = s.execute(select(Certificate.id).where(Certificate.serial == serial))
             return found.first() is not None
 
-    def complete_issuance(self, serial: str, der: bytes, record: AuditRecord) -> None:
-        """Store the signed DER, mark the row ``good`` and audit, in one transaction."""
+    def complete_issuance(
+        self, serial: str, der: bytes, record: AuditRecord, device: DeviceNote | None = None
+    ) -> str | None:
+        """Store the signed DER, mark the row ``good``, audit, and note the certificate in
+        the device inventory, in one transaction. Returns the device's status (or None)."""
         with self._raw_tx() as cursor:
             done = self._fast.complete_certificate.run(cursor, {"p_serial": serial, "p_der": der})
             if done.rowcount != 1:
                 raise Conflict(f"certificate {serial} is no longer pending")
             self._append_audit_raw(cursor, record)
+            return None if device is None else self.devices.note(cursor, device, serial)
 
     def certificate(self, serial: str) -> Certificate:
         with self._ro() as s:
@@ -682,10 +694,12 @@ class Store:
         Every authenticated request calls this: one compiled statement on this thread's
         own driver connection (an ORM session was 13% of an issuance request, a pooled
         Core execution still ~0.5 ms)."""
+        return self._hot_read(self._fast.token_by_digest, {"p_digest": digest})
+
+    def _hot_read(self, stmt: CompiledStatement, params: dict[str, Any]) -> Any:
+        """The first row of a compiled SELECT on this thread's own reader, or None."""
         try:
-            return self._fast.token_by_digest.fetch_one(
-                self._hot_reader_cursor(), {"p_digest": digest}
-            )
+            return stmt.fetch_one(self._hot_reader_cursor(), params)
         except Exception:
             self._drop_hot_connection()
             raise
@@ -703,16 +717,6 @@ class Store:
             self._append_audit(s, record)
             s.flush()
             return token
-
-    def use_single_use_token(self, token_id: int) -> bool:
-        """Mark a single-use token used; False if it was used already (race-safe)."""
-        with self._tx() as s:
-            done = s.execute(
-                update(ApiToken)
-                .where(ApiToken.id == token_id, ApiToken.used_at.is_(None))
-                .values(used_at=self.clock.now())
-            )
-            return done.rowcount == 1
 
 
 def _encode_cursor(row_id: int) -> str:

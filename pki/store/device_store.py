@@ -7,18 +7,77 @@ import base64
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pki.audit import AuditRecord
 from pki.errors import InvalidInput, NotFound
 from pki.store.device_models import Device, DeviceCredential
-from pki.store.models import Certificate
+from pki.store.driver import CompiledStatement
+from pki.store.models import ApiToken, Certificate, UTCDateTime
 
 if TYPE_CHECKING:
     from pki.store.db import Store
+
+
+_DEVICES = Device.__table__
+_CREDENTIALS = DeviceCredential.__table__
+_TOKENS = ApiToken.__table__
+_ID = bindparam("p_id")
+_NOW = bindparam("p_now", type_=UTCDateTime())
+# Hot-path statements (issuance): compiled once, run on the issuance transaction's cursor.
+_CREDENTIAL_BY_DIGEST = select(_CREDENTIALS).where(
+    _CREDENTIALS.c.secret_sha256 == bindparam("p_digest")
+)
+_DEVICE_STATUS = select(_DEVICES.c.status).where(_DEVICES.c.id == _ID)
+_CLAIM_CREDENTIAL = (
+    _CREDENTIALS.update()
+    .where(
+        _CREDENTIALS.c.id == _ID, _CREDENTIALS.c.used_at.is_(None), _CREDENTIALS.c.expires_at > _NOW
+    )
+    .values(used_at=_NOW)
+)
+_CLAIM_TOKEN = (
+    _TOKENS.update().where(_TOKENS.c.id == _ID, _TOKENS.c.used_at.is_(None)).values(used_at=_NOW)
+)
+_DEVICE_FOR_NOTE = (
+    select(_DEVICES.c.status, _DEVICES.c.enrolled_at).where(_DEVICES.c.id == _ID).with_for_update()
+)
+_ENROL = (
+    _DEVICES.update()
+    .where(_DEVICES.c.id == _ID)
+    .values(
+        status="enrolled",
+        enrolled_at=_NOW,
+        enrolled_via=bindparam("p_via"),
+        current_serial=bindparam("p_serial"),
+    )
+)
+_REENROL = (
+    _DEVICES.update()
+    .where(_DEVICES.c.id == _ID)
+    .values(status="enrolled", last_reenrolled_at=_NOW, current_serial=bindparam("p_serial"))
+)
+
+
+@dataclass(frozen=True)
+class SingleUseClaim:
+    """A single-use secret to spend in the transaction that records the issuance:
+    ``kind`` is ``token`` (an API token) or ``credential`` (a device credential)."""
+
+    kind: str
+    id: int
+
+
+@dataclass(frozen=True)
+class DeviceNote:
+    """The device a certificate being issued is for, and how it asked (``credential``,
+    ``idevid``, ``api``, ``renewal``)."""
+
+    device_id: str
+    via: str
 
 
 @dataclass(frozen=True)
@@ -40,6 +99,22 @@ class DeviceStore:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        dialect = store.engine.dialect
+        upsert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+        self._fast = {
+            "credential": CompiledStatement(_CREDENTIAL_BY_DIGEST, dialect),
+            "status": CompiledStatement(_DEVICE_STATUS, dialect),
+            "credential_claim": CompiledStatement(_CLAIM_CREDENTIAL, dialect),
+            "token_claim": CompiledStatement(_CLAIM_TOKEN, dialect),
+            "for_note": CompiledStatement(_DEVICE_FOR_NOTE, dialect),
+            "add": CompiledStatement(
+                upsert(_DEVICES).on_conflict_do_nothing(index_elements=[_DEVICES.c.id]),
+                dialect,
+                ["id", "status", "created_at"],
+            ),
+            "enrol": CompiledStatement(_ENROL, dialect),
+            "reenrol": CompiledStatement(_REENROL, dialect),
+        }
 
     def revoked_among(self, device_ids: Sequence[str]) -> list[str]:
         """The ids among ``device_ids`` whose device is revoked."""
@@ -96,27 +171,43 @@ class DeviceStore:
             )
             self._store._append_audit(s, record)
 
-    def credential(self, digest: str) -> DeviceCredential | None:
-        """The credential whose secret has SHA-256 ``digest``, or None."""
-        with self._store._ro() as s:
-            return s.execute(
-                select(DeviceCredential).where(DeviceCredential.secret_sha256 == digest)
-            ).scalar()
+    def credential(self, digest: str) -> Any:
+        """The credential (attribute access like :class:`DeviceCredential`) whose secret
+        has SHA-256 ``digest``, or None. One compiled statement on this thread's reader."""
+        return self._store._hot_read(self._fast["credential"], {"p_digest": digest})
 
-    def claim_credential(self, credential_id: int) -> bool:
-        """Mark a credential used; False if it was used or expired meanwhile (race-safe)."""
-        now = self._store.clock.now()
+    def claim(self, cursor: Any, claim: SingleUseClaim) -> bool:
+        """Spend a single-use secret inside the caller's write transaction; False if it
+        was used or expired meanwhile."""
+        stmt = self._fast["token_claim" if claim.kind == "token" else "credential_claim"]
+        done = stmt.run(cursor, {"p_id": claim.id, "p_now": self._store.clock.now()})
+        return bool(done.rowcount == 1)
+
+    def note(self, cursor: Any, note: DeviceNote, serial: str) -> str:
+        """Inside the caller's write transaction, record that the device now holds
+        ``serial``: its first certificate enrols it, later ones are re-enrolments. Returns
+        the device's status (``revoked``: the caller must not hand the certificate out)."""
+        fast, now = self._fast, self._store.clock.now()
+        fast["add"].run(cursor, {"id": note.device_id, "status": "provisioned", "created_at": now})
+        row = fast["for_note"].fetch_one(cursor, {"p_id": note.device_id})
+        if row.status == "revoked":
+            return "revoked"
+        params = {"p_id": note.device_id, "p_now": now, "p_serial": serial}
+        if row.enrolled_at is None:
+            fast["enrol"].run(cursor, {**params, "p_via": note.via})
+        else:
+            fast["reenrol"].run(cursor, params)
+        return "enrolled"
+
+    def purge_credentials(self, before: dt.datetime) -> int:
+        """Delete credentials spent or expired before ``before`` (their digests are useless
+        by then; the audit log keeps their history). Returns how many."""
         with self._store._tx() as s:
-            done = s.execute(
-                update(DeviceCredential)
-                .where(
-                    DeviceCredential.id == credential_id,
-                    DeviceCredential.used_at.is_(None),
-                    DeviceCredential.expires_at > now,
+            return s.execute(
+                delete(DeviceCredential).where(
+                    or_(DeviceCredential.expires_at < before, DeviceCredential.used_at < before)
                 )
-                .values(used_at=now)
-            )
-            return done.rowcount == 1
+            ).rowcount
 
     def device(self, device_id: str) -> Device:
         with self._store._ro() as s:
@@ -127,8 +218,8 @@ class DeviceStore:
 
     def status(self, device_id: str) -> str | None:
         """The device's status, or None when it is not in the inventory."""
-        with self._store._ro() as s:
-            return s.execute(select(Device.status).where(Device.id == device_id)).scalar()
+        row = self._store._hot_read(self._fast["status"], {"p_id": device_id})
+        return None if row is None else str(row.status)
 
     def list_devices(self, status: str | None, limit: int, cursor: str | None) -> DevicePage:
         """One page of devices in id order; ``next_cursor`` continues it."""
@@ -143,24 +234,6 @@ class DeviceStore:
             return DevicePage(rows[:limit], _encode(rows[limit - 1].id))
         return DevicePage(rows, None)
 
-    def note_certificate(self, device_id: str, serial: str, via: str) -> str:
-        """Record that ``device_id`` now holds ``serial``: its first certificate enrols it,
-        later ones are re-enrolments. Returns the device's status afterwards."""
-        now = self._store.clock.now()
-        with self._store._tx() as s:
-            device = s.get(Device, device_id, with_for_update=True)
-            if device is None:
-                device = Device(id=device_id, status="provisioned", created_at=now)
-                s.add(device)
-            if device.status == "revoked":
-                return "revoked"
-            if device.enrolled_at is None:
-                device.enrolled_at, device.enrolled_via = now, via
-            else:
-                device.last_reenrolled_at = now
-            device.status, device.current_serial = "enrolled", serial
-            return device.status
-
     def mark_revoked(self, device_id: str, record: AuditRecord) -> list[str]:
         """Revoke the device (its unused credentials die with it) and audit; return the
         serials of its certificates that are still good or pending."""
@@ -169,7 +242,8 @@ class DeviceStore:
             device = s.get(Device, device_id, with_for_update=True)
             if device is None:
                 raise NotFound(f"no device {device_id!r}")
-            device.status, device.revoked_at = "revoked", now
+            if device.status != "revoked":  # a second revocation keeps the first's time
+                device.status, device.revoked_at = "revoked", now
             s.execute(
                 update(DeviceCredential)
                 .where(DeviceCredential.device_id == device_id, DeviceCredential.used_at.is_(None))
@@ -195,6 +269,9 @@ def _encode(device_id: str) -> str:
 
 def _decode(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        device_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("invalid cursor") from None
+        device_id = ""
+    if not device_id:
+        raise InvalidInput("invalid cursor")
+    return device_id
