@@ -8,8 +8,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from ca_service import metrics
 from ca_service.context import bearer_actor, core, peer_certificate
-from ca_service.problems import ApiError
-from ca_service.validation import Field, json_body
+from ca_service.validation import Field, json_body, query_args
 from pki.actors import Actor
 from pki.durations import parse_duration
 from pki.errors import Forbidden, Unauthorised
@@ -51,14 +50,7 @@ def issue_certificate() -> tuple[Response, int]:
 @api.get("/certificates")
 def list_certificates() -> Response:
     actor = bearer_actor()
-    args = request.args
-    unknown = sorted(set(args) - {"status", "expiring_within", "profile", "limit", "cursor"})
-    if unknown:
-        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}", "unknown-field")
-    try:
-        limit = int(args.get("limit", "100"))
-    except ValueError:
-        raise ApiError(400, "query parameter 'limit' must be an integer", "wrong-type") from None
+    args, limit = query_args(request, ("status", "expiring_within", "profile", "cursor"))
     expiring = args.get("expiring_within")
     query = CertificateQuery(
         status=args.get("status") or None,

@@ -8,7 +8,8 @@ from ca_service import metrics
 from ca_service.context import bearer_actor, core, tls_unique
 from ca_service.est import device_auth
 from ca_service.problems import ApiError
-from ca_service.validation import Field, json_body
+from ca_service.validation import Field, json_body, query_args
+from pki.devices import DEVICE_ID
 
 devices = Blueprint("devices", __name__, url_prefix="/api/v1/devices")
 
@@ -23,6 +24,8 @@ def enroll() -> tuple[Response, int]:
     auth = device_auth()
     body = json_body(request, ENROLL_FIELDS)
     claimed = body.get("device_id")
+    if claimed is not None and not DEVICE_ID.fullmatch(claimed):
+        raise ApiError(400, "field 'device_id' is not a valid device id", "invalid-request")
     if claimed is not None and claimed != auth.device_id:
         core().audit_refusal(
             "device.enroll",
@@ -46,14 +49,7 @@ def enroll() -> tuple[Response, int]:
 @devices.get("")
 def list_devices() -> Response:
     actor = bearer_actor()
-    args = request.args
-    unknown = sorted(set(args) - {"status", "limit", "cursor"})
-    if unknown:
-        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}", "unknown-field")
-    try:
-        limit = int(args.get("limit", "100"))
-    except ValueError:
-        raise ApiError(400, "query parameter 'limit' must be an integer", "wrong-type") from None
+    args, limit = query_args(request, ("status", "cursor"))
     records, cursor = core().list_devices(
         actor, args.get("status") or None, limit, args.get("cursor") or None
     )

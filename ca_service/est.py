@@ -33,9 +33,11 @@ def _base64_response(body: bytes, content_type: str) -> Response:
 
 @est.get("/cacerts")
 def cacerts() -> Response:
-    """The issuing CA and the root, certs-only PKCS#7 (no authentication)."""
+    """The CA that issues device certificates and the root, certs-only PKCS#7 (no
+    authentication)."""
     pki = core()
-    issuing = pki.issuing_issuer()
+    profile = pki.profiles.get(pki.settings.devices.profile)
+    issuing = pki.issuing_issuer(profile.issuer or None)
     return _base64_response(certs_only([issuing.der, pki.root_issuer().der]), CERTS_ONLY)
 
 

@@ -18,6 +18,19 @@ class Field:
     max_length: int = 65536
 
 
+def query_args(request: Request, allowed: tuple[str, ...]) -> tuple[dict[str, str], int]:
+    """The query parameters (400 for unknown ones) and the page ``limit`` (default 100)."""
+    args = request.args
+    unknown = sorted(set(args) - set(allowed) - {"limit"})
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}", "unknown-field")
+    try:
+        limit = int(args.get("limit", "100"))
+    except ValueError:
+        raise ApiError(400, "query parameter 'limit' must be an integer", "wrong-type") from None
+    return {k: v for k, v in args.items() if k != "limit"}, limit
+
+
 def raw_body(request: Request) -> bytes:
     """The request body; 413 when it is over ``server.max_body_bytes`` (also when it
     came without a Content-Length)."""

@@ -14,7 +14,7 @@ import click
 from cli.main import Ctx, emit, fail_cleanly, main, pass_home
 from pki.actors import operator
 from pki.durations import parse_duration
-from pki.errors import InvalidInput
+from pki.errors import HsmcaError, InvalidInput
 from pki.records import iso
 
 
@@ -81,13 +81,19 @@ def provision(obj: Ctx, csv_path: str, out_path: str, ttl: str | None, as_json: 
         with click.progressbar(
             length=len(ids), label="provisioning", file=sys.stderr, show_pos=True
         ) as bar:
-            for chunk in chunks:
-                for c in chunk:
-                    writer.writerow([c.device_id, c.secret, iso(c.expires_at)])
-                handle.flush()
-                written += len(chunk)
-                expires = chunk[-1].expires_at
-                bar.update(len(chunk))
+            try:
+                for chunk in chunks:
+                    for c in chunk:
+                        writer.writerow([c.device_id, c.secret, iso(c.expires_at)])
+                    handle.flush()
+                    written += len(chunk)
+                    expires = chunk[-1].expires_at
+                    bar.update(len(chunk))
+            except HsmcaError as exc:
+                raise click.ClickException(
+                    f"{exc}; the {written} credentials created before the failure are in "
+                    f"{out}, the other {len(ids) - written} were not created"
+                ) from None
     seconds = time.perf_counter() - started
     summary = {
         "count": written,
@@ -107,9 +113,12 @@ def read_device_ids(path: Path) -> list[str]:
         raise InvalidInput(f"{path}: not UTF-8 text") from None
     reader = csv.reader(io.StringIO(text))
     rows: list[tuple[int, list[str]]] = []  # (line in the file, cells)
-    for row in reader:
-        if row and not row[0].lstrip().startswith("#") and any(c.strip() for c in row):
-            rows.append((reader.line_num, row))
+    try:
+        for row in reader:
+            if row and not row[0].lstrip().startswith("#") and any(c.strip() for c in row):
+                rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise InvalidInput(f"{path}: line {reader.line_num}: not CSV ({exc})") from None
     if not rows:
         raise InvalidInput(
             f"{path}: no device ids (expected a device_id column or one id per line)"

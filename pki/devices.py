@@ -13,13 +13,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
+
 from pki.access import token_digest
 from pki.actors import Actor
 from pki.audit import AuditRecord
 from pki.durations import parse_duration
 from pki.errors import Conflict, Forbidden, InvalidInput, PolicyError, Unauthorised
 from pki.est import challenge_password, tls_unique_password
-from pki.manufacturer import ManufacturerTrust
+from pki.manufacturer import ManufacturerTrust, issued_by
 from pki.policy import ParsedCsr, RequestedNames, parse_csr
 from pki.records import CertificateRecord, iso
 from pki.revocation import parse_reason
@@ -183,9 +185,13 @@ class DevicesMixin:
     def authenticate_device_secret(self, secret: str, device_id: str | None = None) -> DeviceAuth:
         """The device a one-time credential belongs to; Unauthorised (and audited) when it
         is unknown, used, expired, or bound to a device other than ``device_id``."""
+        if device_id is not None and not DEVICE_ID.fullmatch(device_id):
+            # never audited as given: it may be a secret sent in the wrong place
+            self.audit_refusal("device.enroll", None, "malformed device id")
+            raise Unauthorised("malformed device id (expected DEVICE_ID:SECRET)")
         row = self.store.devices.credential(token_digest(secret))
         why = None
-        if row is None or not hmac.compare_digest(row.secret_sha256, token_digest(secret)):
+        if row is None:  # looked up by the digest of a 256-bit secret: nothing to time
             why = "unknown enrolment credential"
         elif device_id is not None and row.device_id != device_id:
             why = f"the enrolment credential is not for device {device_id!r}"
@@ -195,8 +201,9 @@ class DevicesMixin:
             why = "the enrolment credential has expired"
         if why is not None or row is None:
             subject = device_id or (row.device_id if row is not None else None)
-            self.audit_refusal("device.enroll", subject, why or "", actor=_device_actor(subject))
-            raise Unauthorised(why or "unknown enrolment credential")
+            why = why or "unknown enrolment credential"
+            self.audit_refusal("device.enroll", subject, why, actor=_device_actor(subject))
+            raise Unauthorised(why)
         return DeviceAuth(row.device_id, "credential", row.id)
 
     def authenticate_idevid(self, der: bytes) -> DeviceAuth:
@@ -205,6 +212,11 @@ class DevicesMixin:
         try:
             if not self.manufacturers.configured:
                 raise Unauthorised("no manufacturer CA is configured for IDevID enrolment")
+            if self._issued_here(der):
+                raise Unauthorised(
+                    "a certificate issued by this CA is no IDevID: a device renewing it uses "
+                    "simplereenroll"
+                )
             device_id = self.manufacturers.device_id_of(der, self.clock.now())
             try:
                 check_device_id(device_id)
@@ -248,6 +260,7 @@ class DevicesMixin:
             auth.device_id,
             action="device.enroll",
             details={"via": auth.method, "channel_bound": bound},
+            via=auth.method,
         )
 
     def reenroll_device(
@@ -257,11 +270,12 @@ class DevicesMixin:
         certificate (issued here, good, unexpired), for the CSR's key."""
         current = self.authenticate_certificate(presented_der)  # type: ignore[attr-defined]
         row = self.store.certificate(current.serial)
+        device = self.profiles.get(row.profile).device
         device_id = row.device_id or row.common_name
         actor = Actor(name=row.requester, role="issuer")
         try:
             parsed = parse_csr(csr, self.settings.policy, names_from_cn=False)
-            if self.profiles.get(row.profile).device and device_id:
+            if device and device_id:
                 bound = _check_device_csr(
                     parsed, device_id, self._device_uri(device_id), tls_unique
                 )
@@ -275,6 +289,19 @@ class DevicesMixin:
             csr,
             action="device.reenroll",
             details={"channel_bound": bound},
+            names_from_certificate=device,
+        )
+
+    def _issued_here(self, der: bytes) -> bool:
+        """Whether ``der`` was signed by one of this CA's issuers (even if a manufacturer
+        bundle wrongly contains them)."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return False
+        return any(
+            issued_by(cert, x509.load_der_x509_certificate(i.der))
+            for i in self.issuers().values()  # type: ignore[attr-defined]
         )
 
     def _device_uri(self, device_id: str) -> str:

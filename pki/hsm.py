@@ -17,6 +17,8 @@ used only through :meth:`Hsm.sign`; :mod:`pki.hsm_keys` wraps them as cryptograp
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import hmac
 import os
@@ -111,6 +113,24 @@ def _reload_module(path: str) -> _ModuleState:
     return state
 
 
+def _clear_openssl_errors() -> None:
+    """Drop what the module left on this thread's OpenSSL error queue. SoftHSM2 asks
+    OpenSSL for engines it may not have (``gost``) and leaves the failure queued; the next
+    TLS call of this thread (Python's ``ssl`` shares the library) then fails with
+    ``[ENGINE: NO_SUCH_ENGINE]``."""
+    global _err_clear
+    if _err_clear is None:
+        name = ctypes.util.find_library("crypto")
+        try:
+            _err_clear = ctypes.CDLL(name).ERR_clear_error if name else (lambda: None)
+        except (OSError, AttributeError):
+            _err_clear = lambda: None  # noqa: E731  (no shared OpenSSL: nothing to clear)
+    _err_clear()
+
+
+_err_clear: Any = None
+
+
 def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
     """Load (or re-initialise after fork / config change) the module; lock held."""
     global _generation
@@ -129,6 +149,7 @@ def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
             lib.reinitialize()
     except p11e.PKCS11Error as exc:
         raise HsmModuleNotFound(f"cannot load PKCS#11 module {path}: {exc}") from None
+    _clear_openssl_errors()
     _generation += 1
     for stale in [k for k in (*_holders, *_parked, *_pin_digests) if k[0] == path]:
         # C_Finalize ended every session and login of the previous generation
@@ -193,6 +214,7 @@ class Hsm:
             ) from None
         self._holder = (self.module, self.token_label, state.generation)
         self._session = self._login(token)
+        _clear_openssl_errors()
         self._pid = os.getpid()
         self._generation = state.generation
         _holders.setdefault(self._holder, weakref.WeakSet()).add(self)

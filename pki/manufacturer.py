@@ -64,13 +64,20 @@ class ManufacturerTrust:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
             raise Unauthorised("the client certificate cannot be parsed") from None
-        if not any(_issued_by(cert, ca) for ca in self.certificates()):
+        if not any(issued_by(cert, ca) for ca in self.certificates()):
             raise Unauthorised(
                 "the client certificate is not from a trusted manufacturer CA (a device "
                 "renewing a certificate issued here uses simplereenroll)"
             )
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise Unauthorised("the IDevID certificate is not valid at this time")
+        try:
+            if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                raise Unauthorised("a CA certificate is no IDevID")
+        except x509.ExtensionNotFound:
+            pass
+        except ValueError:
+            raise Unauthorised("the client certificate's extensions cannot be parsed") from None
         for oid in (NameOID.SERIAL_NUMBER, NameOID.COMMON_NAME):
             attrs = cert.subject.get_attributes_for_oid(oid)
             if attrs:
@@ -78,7 +85,8 @@ class ManufacturerTrust:
         raise Unauthorised("the IDevID certificate names no device (no serialNumber or CN)")
 
 
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``cert`` (names match and the signature verifies)."""
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):

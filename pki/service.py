@@ -214,8 +214,10 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
         device_id: str | None = None,
         action: str = "certificate.issue",
         details: dict[str, object] | None = None,
+        via: str = "api",
     ) -> CertificateRecord:
-        """Issue for a checked public key and names (the CSR-less path used by ``init``)."""
+        """Issue for a checked public key and names (the CSR-less path used by ``init``).
+        ``via`` says how a device asked (``credential``, ``idevid``, ``api``, ``renewal``)."""
         try:
             profile = self.profiles.get(profile_name)
             names = self._names_for(profile, names, device_id)
@@ -236,8 +238,9 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
             raise PolicyError("the issuing CA expires before this certificate would start")
         spki = spki_der(public_key)
         subject_text = subject.rfc4514_string()
+        claim = _claim_of(actor)
         serial = self._reserve_serial(
-            _claim_of(actor),
+            claim,
             {
                 "issuer_id": issuer.id,
                 "subject": subject_text,
@@ -263,29 +266,26 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
             not_after=not_after.replace(microsecond=0),
             profile=profile,
         )
-        der = build_end_entity(issuer, request, self.urls).public_bytes(Encoding.DER)
-        note = (
-            DeviceNote(device_id, str((details or {}).get("via", "api")))
-            if profile.device and device_id
-            else None
+        record = AuditRecord(
+            action=action,
+            actor=actor.name,
+            subject=serial,
+            details={
+                "profile": profile.name,
+                "names": names.all(),
+                "issuer": issuer.id,
+                "not_after": request.not_after.isoformat(),
+                **(details or {}),
+            },
         )
-        device_status = self.store.complete_issuance(
-            serial,
-            der,
-            AuditRecord(
-                action=action,
-                actor=actor.name,
-                subject=serial,
-                details={
-                    "profile": profile.name,
-                    "names": names.all(),
-                    "issuer": issuer.id,
-                    "not_after": request.not_after.isoformat(),
-                    **(details or {}),
-                },
-            ),
-            note,
-        )
+        note = DeviceNote(device_id, via) if profile.device and device_id else None
+        try:
+            der = build_end_entity(issuer, request, self.urls).public_bytes(Encoding.DER)
+            device_status = self.store.complete_issuance(serial, der, record, note)
+        except Exception:
+            if claim is not None:  # nothing was handed out: the secret may be used again
+                self.store.devices.release(claim)
+            raise
         if device_status == "revoked":
             # revoked while this certificate was being signed (the revocation could not
             # see the row in time): it is revoked before anyone receives it
@@ -396,9 +396,12 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
         csr: str | bytes | None = None,
         action: str = "certificate.renew",
         details: dict[str, object] | None = None,
+        names_from_certificate: bool = False,
     ) -> CertificateRecord:
         """A new certificate for the identity of ``presented_der`` (same names and profile),
-        for a new key from ``csr`` or the same key; authenticated by the TLS handshake."""
+        for a new key from ``csr`` or the same key; authenticated by the TLS handshake.
+        ``names_from_certificate``: the CSR supplies only the key (the caller checked its
+        identity), as for a device re-enrolling over EST."""
         current = self.authenticate_certificate(presented_der)
         row = self.store.certificate(current.serial)
         actor = Actor(name=row.requester, role="issuer", allowed_names=("*",))
@@ -418,7 +421,7 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
             # a device's identity is its id (checked by the caller), not the CSR's names
             names = (
                 _names_from_tags(row.sans)
-                if profile.device and action == "device.reenroll"
+                if names_from_certificate
                 else self._names_for(profile, parsed.names, device_id)
             )
             if set(names.tagged()) != set(row.sans):
@@ -442,12 +445,8 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
             actor,
             device_id,
             action=action,
-            details={
-                "renewal_of": row.serial,
-                "authenticated_by": "mtls",
-                "via": "renewal",
-                **(details or {}),
-            },
+            details={"renewal_of": row.serial, "authenticated_by": "mtls", **(details or {})},
+            via="renewal",
         )
 
     # -- reading ---------------------------------------------------------------------------

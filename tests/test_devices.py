@@ -265,12 +265,17 @@ def test_enroll_token_secret_enrols_once_and_only_its_digest_is_stored(
     first = enrol(service, text_secret, device_csr(device_id)[0])
     assert first.status_code == 201, first.text
     assert_problem(enrol(service, text_secret, device_csr(device_id)[0]), 401, "already used")
-    second = enrol(service, json_secret, device_csr(device_id)[0], basic=device_id)
+    # enrolling with one credential retired the device's other one
+    spare = enrol(service, json_secret, device_csr(device_id)[0], basic=device_id)
+    assert_problem(spare, 401, "expired")
+    assert [used is not None for _, used in credentials_of(home, device_id)] == [True, False]
+    # a credential made after the enrolment works once (a device that lost its key)
+    later = cli_json(home, "enroll-token", "--device-id", device_id)["secret"]
+    second = enrol(service, later, device_csr(device_id)[0], basic=device_id)
     assert second.status_code == 201, second.text
-    again = enrol(service, json_secret, device_csr(device_id)[0], basic=device_id)
+    again = enrol(service, later, device_csr(device_id)[0], basic=device_id)
     assert_problem(again, 401, "already used")
-    assert [used is not None for _, used in credentials_of(home, device_id)] == [True, True]
-    assert_secrets_absent(home, [text_secret, json_secret])
+    assert_secrets_absent(home, [text_secret, json_secret, later])
 
 
 # -- 2. provision ----------------------------------------------------------------------------

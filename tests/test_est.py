@@ -757,7 +757,7 @@ def test_a_client_certificate_from_another_ca_cannot_enrol(est: Est, tmp_path: P
         curl(est, "simpleenroll", b64(der_h), user=f"{holder}:{secret}"), tmp_path
     )
     count_h = certificate_count(est)
-    curl(est, "simpleenroll", b64(der), cert=(holder_path, key_h)).problem(401, "manufacturer")
+    curl(est, "simpleenroll", b64(der), cert=(holder_path, key_h)).problem(401, "simplereenroll")
     assert snapshot(est, device_id).device_serials == []
     assert certificate_count(est) == count_h == count + 1
 

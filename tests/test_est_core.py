@@ -183,6 +183,8 @@ def test_manufacturer_trust_names_the_device_of_its_own_idevids(tmp_path: Path) 
         )
     with pytest.raises(Unauthorised, match="parsed"):
         trust.device_id_of(b"\x30\x03junk", NOW)
+    with pytest.raises(Unauthorised, match="CA certificate"):  # the CA itself
+        trust.device_id_of(maker[0].public_bytes(serialization.Encoding.DER), NOW)
     # the bundle is re-read when it changes
     bundle.write_bytes(other[0].public_bytes(serialization.Encoding.PEM))
     os.utime(bundle, (1, 1))
@@ -320,3 +322,17 @@ def test_purge_deletes_only_spent_or_expired_credentials(fresh_home: Path) -> No
         assert core.show_device("dev-used", operator()).status == "enrolled"  # inventory stays
     finally:
         core.close()
+
+
+def test_a_malformed_device_id_is_refused_and_never_audited_as_given(pki: Pki) -> None:
+    """A device that sends SECRET:ID instead of ID:SECRET: the 'id' is a secret."""
+    device = unique("dev")
+    secret = pki.create_enrollment_credential(device, None, operator()).secret
+    mark = max(e.id for e in pki.store.audit_events())
+    with pytest.raises(Unauthorised, match="malformed device id"):
+        pki.authenticate_device_secret(device, secret)
+    new = [e for e in pki.store.audit_events() if e.id > mark]
+    assert secret not in " ".join(f"{e.actor} {e.subject} {e.details}" for e in new)
+    mine = [e for e in new if e.details.get("reason") == "malformed device id"]
+    assert mine and mine[0].outcome == "refused" and mine[0].subject is None
+    assert pki.authenticate_device_secret(secret, device).device_id == device  # unspent

@@ -532,3 +532,28 @@ def test_two_pki_objects_on_one_home(fresh_home: Path, make_csr: Callable[..., b
         assert record.certificate_pem is not None
         cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
         cert.verify_directly_issued_by(issuing)
+
+
+def test_opening_the_hsm_leaves_no_openssl_error_for_the_next_tls_call(ca_home: Path) -> None:
+    """SoftHSM2 queues a failed engine load on the thread's OpenSSL error queue; left there,
+    the thread's next TLS call failed with ``[ENGINE: NO_SUCH_ENGINE]``."""
+    import ctypes
+    import ctypes.util
+    import multiprocessing
+
+    def child(queue: Any) -> None:  # a fresh process: the module is loaded here first
+        libcrypto = ctypes.CDLL(ctypes.util.find_library("crypto"))
+        libcrypto.ERR_peek_error.restype = ctypes.c_ulong
+        core = Pki.open(ca_home)
+        try:
+            core.signer(core.issuing_issuer().id).key.sign(b"x", ec.ECDSA(hashes.SHA256()))
+            queue.put(int(libcrypto.ERR_peek_error()))
+        finally:
+            core.close()
+
+    queue: Any = multiprocessing.get_context("fork").Queue()
+    process = multiprocessing.get_context("fork").Process(target=child, args=(queue,))
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    assert queue.get(timeout=5) == 0

@@ -456,8 +456,11 @@ class Store:
             done = self._fast.complete_certificate.run(cursor, {"p_serial": serial, "p_der": der})
             if done.rowcount != 1:
                 raise Conflict(f"certificate {serial} is no longer pending")
+            # the device row before the audit lock, as a device revocation takes them: the
+            # other order deadlocked on PostgreSQL
+            status = None if device is None else self.devices.note(cursor, device, serial)
             self._append_audit_raw(cursor, record)
-            return None if device is None else self.devices.note(cursor, device, serial)
+            return status
 
     def certificate(self, serial: str) -> Certificate:
         with self._ro() as s:

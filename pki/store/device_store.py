@@ -39,6 +39,21 @@ _CLAIM_CREDENTIAL = (
     )
     .values(used_at=_NOW)
 )
+# enrolling with one credential retires the device's other unused ones (a leaked spare
+# must not enrol the device again)
+_RETIRE_SIBLINGS = (
+    _CREDENTIALS.update()
+    .where(
+        _CREDENTIALS.c.device_id
+        == select(_CREDENTIALS.c.device_id).where(_CREDENTIALS.c.id == _ID).scalar_subquery(),
+        _CREDENTIALS.c.id != _ID,
+        _CREDENTIALS.c.used_at.is_(None),
+        _CREDENTIALS.c.expires_at > _NOW,
+    )
+    .values(expires_at=_NOW)
+)
+_RELEASE_CREDENTIAL = _CREDENTIALS.update().where(_CREDENTIALS.c.id == _ID).values(used_at=None)
+_RELEASE_TOKEN = _TOKENS.update().where(_TOKENS.c.id == _ID).values(used_at=None)
 _CLAIM_TOKEN = (
     _TOKENS.update().where(_TOKENS.c.id == _ID, _TOKENS.c.used_at.is_(None)).values(used_at=_NOW)
 )
@@ -106,6 +121,7 @@ class DeviceStore:
             "status": CompiledStatement(_DEVICE_STATUS, dialect),
             "credential_claim": CompiledStatement(_CLAIM_CREDENTIAL, dialect),
             "token_claim": CompiledStatement(_CLAIM_TOKEN, dialect),
+            "retire_siblings": CompiledStatement(_RETIRE_SIBLINGS, dialect),
             "for_note": CompiledStatement(_DEVICE_FOR_NOTE, dialect),
             "add": CompiledStatement(
                 upsert(_DEVICES).on_conflict_do_nothing(index_elements=[_DEVICES.c.id]),
@@ -180,8 +196,19 @@ class DeviceStore:
         """Spend a single-use secret inside the caller's write transaction; False if it
         was used or expired meanwhile."""
         stmt = self._fast["token_claim" if claim.kind == "token" else "credential_claim"]
-        done = stmt.run(cursor, {"p_id": claim.id, "p_now": self._store.clock.now()})
-        return bool(done.rowcount == 1)
+        params = {"p_id": claim.id, "p_now": self._store.clock.now()}
+        if stmt.run(cursor, params).rowcount != 1:
+            return False
+        if claim.kind == "credential":
+            self._fast["retire_siblings"].run(cursor, params)
+        return True
+
+    def release(self, claim: SingleUseClaim) -> None:
+        """Make a spent secret usable again: the issuance it was spent on failed before
+        any certificate was handed out (its pending row is reconciled as usual)."""
+        stmt = _RELEASE_TOKEN if claim.kind == "token" else _RELEASE_CREDENTIAL
+        with self._store._tx() as s:
+            s.execute(stmt, {"p_id": claim.id})
 
     def note(self, cursor: Any, note: DeviceNote, serial: str) -> str:
         """Inside the caller's write transaction, record that the device now holds

@@ -103,16 +103,11 @@ class Certificate(Base):
     #: the device a ``device`` profile certificate identifies (None for the others)
     device_id: Mapped[str | None] = mapped_column(String(64))
 
-    # Few indexes on purpose: each one is written by every issuance. State-specific
-    # look-ups use partial indexes that only pending or revoked rows enter.
+    # Few indexes on purpose: each one is written by every issuance. Pending rows are
+    # found through (status, not_after); revoked and device rows through partial indexes
+    # that other rows never enter.
     __table_args__ = (
         Index("ix_certificates_status_not_after", "status", "not_after"),
-        Index(
-            "ix_certificates_pending_created_at",
-            "created_at",
-            sqlite_where=text("status = 'pending'"),
-            postgresql_where=text("status = 'pending'"),
-        ),
         Index(
             "ix_certificates_device_id",
             "device_id",

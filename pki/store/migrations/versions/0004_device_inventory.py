@@ -1,4 +1,4 @@
-"""device inventory and enrolment credentials
+"""device inventory and enrolment credentials; pending rows found without their own index
 
 Revision ID: 0004
 Revises: 0003
@@ -59,6 +59,22 @@ def upgrade() -> None:
             sqlite_where=sa.text("device_id IS NOT NULL"),
             postgresql_where=sa.text("device_id IS NOT NULL"),
         )
+        # pending rows are found through (status, not_after): one index less per issuance
+        batch_op.drop_index("ix_certificates_pending_created_at")
+
+    # device certificates issued before the inventory existed: their CN is the device id
+    # (pki.signer.end_entity_subject), so revoking the device reaches them too
+    op.execute(
+        "UPDATE certificates SET device_id = common_name WHERE device_id IS NULL "
+        "AND common_name IS NOT NULL AND (profile = 'device' OR profile LIKE 'device-%')"
+    )
+    op.execute(
+        "INSERT INTO devices (id, status, created_at, enrolled_at, enrolled_via, "
+        "current_serial) SELECT c.device_id, 'enrolled', MIN(c.created_at), "
+        "MIN(c.created_at), 'api', (SELECT c2.serial FROM certificates c2 WHERE "
+        "c2.device_id = c.device_id ORDER BY c2.id DESC LIMIT 1) FROM certificates c "
+        "WHERE c.device_id IS NOT NULL GROUP BY c.device_id"
+    )
 
     # ### end Alembic commands ###
 
@@ -72,6 +88,15 @@ def downgrade() -> None:
             postgresql_where=sa.text("device_id IS NOT NULL"),
         )
         batch_op.drop_column("device_id")
+    # after the batch (SQLite rebuilds the table there, with the indexes it reflected)
+    op.create_index(
+        "ix_certificates_pending_created_at",
+        "certificates",
+        ["created_at"],
+        unique=False,
+        sqlite_where=sa.text("status = 'pending'"),
+        postgresql_where=sa.text("status = 'pending'"),
+    )
 
     with op.batch_alter_table("device_credentials", schema=None) as batch_op:
         batch_op.drop_index("ix_device_credentials_device_id")
