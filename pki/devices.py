@@ -189,9 +189,9 @@ class DevicesMixin:
             # never audited as given: it may be a secret sent in the wrong place
             self.audit_refusal("device.enroll", None, "malformed device id")
             raise Unauthorised("malformed device id (expected DEVICE_ID:SECRET)")
+        # looked up by the digest of a 256-bit secret: there is nothing to time
         row = self.store.devices.credential(token_digest(secret))
-        why = None
-        if row is None:  # looked up by the digest of a 256-bit secret: nothing to time
+        if row is None:
             why = "unknown enrolment credential"
         elif device_id is not None and row.device_id != device_id:
             why = f"the enrolment credential is not for device {device_id!r}"
@@ -199,12 +199,11 @@ class DevicesMixin:
             why = "the enrolment credential was already used"
         elif row.expires_at <= self.clock.now():
             why = "the enrolment credential has expired"
-        if why is not None or row is None:
-            subject = device_id or (row.device_id if row is not None else None)
-            why = why or "unknown enrolment credential"
-            self.audit_refusal("device.enroll", subject, why, actor=_device_actor(subject))
-            raise Unauthorised(why)
-        return DeviceAuth(row.device_id, "credential", row.id)
+        else:
+            return DeviceAuth(row.device_id, "credential", row.id)
+        subject = device_id or (row.device_id if row is not None else None)
+        self.audit_refusal("device.enroll", subject, why, actor=_device_actor(subject))
+        raise Unauthorised(why)
 
     def authenticate_idevid(self, der: bytes) -> DeviceAuth:
         """The device an IDevID certificate (from a configured manufacturer CA) names;
