@@ -16,7 +16,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
-    load_der_public_key,
 )
 
 from pki.access import AccessMixin, CreatedToken, token_digest
@@ -43,6 +42,7 @@ from pki.policy import RequestedNames, parse_csr, resolve_ttl
 from pki.profiles import Profile, ProfileRegistry
 from pki.publishing import PublishingMixin
 from pki.records import CertificateRecord, pem_of
+from pki.renewal import RenewalMixin
 from pki.revocation import parse_reason
 from pki.serials import new_serial, parse_serial, serial_hex
 from pki.signer import (
@@ -70,7 +70,7 @@ class IssueRequest:
     device_id: str | None = None
 
 
-class Pki(AccessMixin, DevicesMixin, PublishingMixin):
+class Pki(AccessMixin, RenewalMixin, DevicesMixin, PublishingMixin):
     """The core of one process: settings, store, HSM and clock, plus the use-cases."""
 
     def __init__(self, settings: Settings, store: Store, hsm: Hsm, clock: Clock) -> None:
@@ -282,9 +282,15 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
         try:
             der = build_end_entity(issuer, request, self.urls).public_bytes(Encoding.DER)
             device_status = self.store.complete_issuance(serial, der, record, note)
-        except Exception:
+        except Exception as exc:
             if claim is not None:  # nothing was handed out: the secret may be used again
                 self.store.devices.release(claim)
+            if (
+                isinstance(exc, Conflict)
+                and note is not None
+                and self.store.devices.status(note.device_id) == "revoked"
+            ):  # the device's revocation reached the pending row first
+                raise Forbidden(f"device {device_id} is revoked and cannot enrol again") from None
             raise
         if device_status == "revoked":
             # revoked while this certificate was being signed (the revocation could not
@@ -371,82 +377,6 @@ class Pki(AccessMixin, DevicesMixin, PublishingMixin):
                 outcome="refused",
                 details={"reason": why[:500]},
             )
-        )
-
-    # -- mTLS identity and renewal ---------------------------------------------------------
-
-    def authenticate_certificate(self, der: bytes) -> CertificateRecord:
-        """The record of a client certificate this CA issued, still good; else Unauthorised."""
-        try:
-            cert = x509.load_der_x509_certificate(der)
-            row = self.store.certificate(serial_hex(cert.serial_number))
-        except (ValueError, NotFound):
-            row = None
-        if row is None or row.der != der:
-            self.audit_refusal("auth.mtls", None, "client certificate not issued by this CA")
-            raise Unauthorised("client certificate was not issued by this CA")
-        if row.status != "good" or row.not_after <= self.clock.now():
-            self.audit_refusal("auth.mtls", row.serial, f"client certificate {row.status}")
-            raise Unauthorised("client certificate is revoked or expired")
-        return CertificateRecord.from_row(row, self.clock.now(), self.chain_pem(row.issuer_id))
-
-    def renew(
-        self,
-        presented_der: bytes,
-        csr: str | bytes | None = None,
-        action: str = "certificate.renew",
-        details: dict[str, object] | None = None,
-        names_from_certificate: bool = False,
-    ) -> CertificateRecord:
-        """A new certificate for the identity of ``presented_der`` (same names and profile),
-        for a new key from ``csr`` or the same key; authenticated by the TLS handshake.
-        ``names_from_certificate``: the CSR supplies only the key (the caller checked its
-        identity), as for a device re-enrolling over EST."""
-        current = self.authenticate_certificate(presented_der)
-        row = self.store.certificate(current.serial)
-        actor = Actor(name=row.requester, role="issuer", allowed_names=("*",))
-        profile = self.profiles.get(row.profile)
-        device_id = (row.device_id or row.common_name) if profile.device else None
-        if csr is None:
-            public_key = load_der_public_key(row.spki)
-            names = _names_from_tags(row.sans)
-            common_name = row.common_name
-        else:
-            try:
-                parsed = parse_csr(csr, self.settings.policy, not profile.device)
-            except PolicyError as exc:
-                self._refused(actor, action, row.serial, str(exc))
-                raise
-            public_key, common_name = parsed.public_key, row.common_name
-            # a device's identity is its id (checked by the caller), not the CSR's names
-            names = (
-                _names_from_tags(row.sans)
-                if names_from_certificate
-                else self._names_for(profile, parsed.names, device_id)
-            )
-            if set(names.tagged()) != set(row.sans):
-                why = "a renewal must request the same names as the current certificate"
-                self._refused(actor, action, row.serial, why)
-                raise Forbidden(f"{why} ({', '.join(row.sans)})")
-        lifetime = row.not_after - row.not_before
-        lifetime -= dt.timedelta(seconds=self.settings.ca.backdate_seconds)
-        old_issuer = self.issuers().get(row.issuer_id)
-        if old_issuer is not None and row.not_after >= old_issuer.not_after:
-            # cut short by its issuing CA's end of life: renew with the profile's lifetime,
-            # not the shortened one (which would otherwise be inherited from then on)
-            lifetime = profile.default_ttl
-        lifetime = min(max(lifetime, dt.timedelta(minutes=5)), profile.max_ttl)
-        return self.issue_for_key(
-            public_key,
-            names,
-            common_name,
-            profile.name,
-            lifetime,
-            actor,
-            device_id,
-            action=action,
-            details={"renewal_of": row.serial, "authenticated_by": "mtls", **(details or {})},
-            via="renewal",
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -574,15 +504,6 @@ def _claim_of(actor: Actor) -> SingleUseClaim | None:
     if actor.enrollment_credential_id is not None:
         return SingleUseClaim("credential", actor.enrollment_credential_id)
     return None
-
-
-def _names_from_tags(tags: list[str]) -> RequestedNames:
-    """Inverse of :meth:`RequestedNames.tagged`."""
-    by_kind: dict[str, list[str]] = {"dns": [], "ip": [], "uri": []}
-    for tag in tags:
-        kind, _, value = tag.partition(":")
-        by_kind[kind].append(value)
-    return RequestedNames(tuple(by_kind["dns"]), tuple(by_kind["ip"]), tuple(by_kind["uri"]))
 
 
 def _cn(subject: x509.Name) -> str | None:
