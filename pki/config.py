@@ -160,6 +160,8 @@ class DeviceSettings:
     #: PEM bundle of the manufacturer CAs whose IDevID certificates may enrol over mTLS
     #: ("" = none; relative paths are relative to the home)
     manufacturer_ca_file: str = ""
+    #: an IDevID enrols only a device already in the inventory (provisioned or enrolled)
+    idevid_known_devices_only: bool = False
 
     def __post_init__(self) -> None:
         if self.profile != "device" and not self.profile.startswith("device-"):

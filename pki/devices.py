@@ -221,6 +221,14 @@ class DevicesMixin:
                 check_device_id(device_id)
             except InvalidInput as exc:
                 raise Unauthorised(f"the IDevID names an unusable device id: {exc}") from None
+            if (
+                self.settings.devices.idevid_known_devices_only
+                and self.store.devices.status(device_id) is None
+            ):
+                raise Unauthorised(
+                    f"device {device_id!r} is not in the inventory "
+                    "(devices.idevid_known_devices_only): provision it first"
+                )
         except Unauthorised as exc:
             self.audit_refusal("device.enroll", None, str(exc))
             raise

@@ -336,3 +336,32 @@ def test_a_malformed_device_id_is_refused_and_never_audited_as_given(pki: Pki) -
     mine = [e for e in new if e.details.get("reason") == "malformed device id"]
     assert mine and mine[0].outcome == "refused" and mine[0].subject is None
     assert pki.authenticate_device_secret(secret, device).device_id == device  # unspent
+
+
+def test_idevids_can_be_limited_to_devices_in_the_inventory(pki: Pki, tmp_path: Path) -> None:
+    import dataclasses
+
+    maker = _ca("Maker CA")
+    bundle = tmp_path / "makers.pem"
+    bundle.write_bytes(maker[0].public_bytes(serialization.Encoding.PEM))
+    devices = dataclasses.replace(
+        pki.settings.devices, manufacturer_ca_file=str(bundle), idevid_known_devices_only=True
+    )
+    strict = Pki(dataclasses.replace(pki.settings, devices=devices), pki.store, pki.hsm, pki.clock)
+    known, unknown = unique("known"), unique("stranger")
+    pki.create_enrollment_credential(known, None, operator())  # puts it in the inventory
+    idevid = _idevid(maker, [x509.NameAttribute(NameOID.SERIAL_NUMBER, known)])
+    assert strict.authenticate_idevid(idevid).device_id == known
+    stranger = _idevid(maker, [x509.NameAttribute(NameOID.SERIAL_NUMBER, unknown)])
+    with pytest.raises(Unauthorised, match="not in the inventory"):
+        strict.authenticate_idevid(stranger)
+    lenient = Pki(
+        dataclasses.replace(
+            pki.settings,
+            devices=dataclasses.replace(devices, idevid_known_devices_only=False),
+        ),
+        pki.store,
+        pki.hsm,
+        pki.clock,
+    )
+    assert lenient.authenticate_idevid(stranger).device_id == unknown
