@@ -7,9 +7,7 @@ from flask import Blueprint, Response, jsonify, request
 from ca_service import metrics
 from ca_service.context import bearer_actor, core, tls_unique
 from ca_service.est import device_auth
-from ca_service.problems import ApiError
 from ca_service.validation import Field, json_body, query_args
-from pki.devices import DEVICE_ID
 
 devices = Blueprint("devices", __name__, url_prefix="/api/v1/devices")
 
@@ -23,22 +21,7 @@ def enroll() -> tuple[Response, int]:
     ``{"csr": PEM, "device_id"?: ID}`` → 201 with the certificate record."""
     auth = device_auth()
     body = json_body(request, ENROLL_FIELDS)
-    claimed = body.get("device_id")
-    if claimed is not None and not DEVICE_ID.fullmatch(claimed):
-        raise ApiError(400, "field 'device_id' is not a valid device id", "invalid-request")
-    if claimed is not None and claimed != auth.device_id:
-        core().audit_refusal(
-            "device.enroll",
-            claimed,
-            "device_id does not match the credential",
-            f"device:{auth.device_id}",
-        )
-        raise ApiError(
-            403,
-            f"device_id {claimed!r} does not match the enrolment credential",
-            "forbidden",
-        )
-    record = core().enroll_device(body["csr"], auth, tls_unique())
+    record = core().enroll_device(body["csr"], auth, tls_unique(), body.get("device_id"))
     metrics.DEVICE_ENROLMENTS.labels("api", auth.method).inc()
     metrics.ISSUED.labels(record.profile).inc()
     resp = jsonify({**record.to_dict(), "device_id": auth.device_id})

@@ -19,7 +19,14 @@ from pki.access import token_digest
 from pki.actors import Actor
 from pki.audit import AuditRecord
 from pki.durations import parse_duration
-from pki.errors import Conflict, Forbidden, InvalidInput, PolicyError, Unauthorised
+from pki.errors import (
+    Conflict,
+    Forbidden,
+    HsmcaError,
+    InvalidInput,
+    PolicyError,
+    Unauthorised,
+)
 from pki.est import challenge_password, tls_unique_password
 from pki.manufacturer import ManufacturerTrust, issued_by
 from pki.policy import ParsedCsr, RequestedNames, parse_csr
@@ -41,13 +48,13 @@ PROVISION_CHUNK = 5000
 MAX_CREDENTIAL_TTL = dt.timedelta(days=366)
 
 
-def check_device_id(device_id: str) -> str:
+def check_device_id(device_id: str, error: type[HsmcaError] = InvalidInput) -> str:
     """``device_id`` if it can be a subject serialNumber and part of a URI; else
-    InvalidInput with the rule."""
+    ``error`` with the rule."""
     if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
-        raise InvalidInput(
-            f"invalid device id {device_id!r}: use 1-64 characters of A-Z a-z 0-9 . : - "
-            "starting with a letter or digit"
+        raise error(
+            f"invalid device id {device_id!r}: it becomes the subject serialNumber and a URI, "
+            "so use 1-64 characters of A-Z a-z 0-9 . : - starting with a letter or digit"
         )
     return device_id
 
@@ -237,11 +244,16 @@ class DevicesMixin:
     # -- enrolment -------------------------------------------------------------------------
 
     def enroll_device(
-        self, csr: str | bytes, auth: DeviceAuth, tls_unique: bytes | None = None
+        self,
+        csr: str | bytes,
+        auth: DeviceAuth,
+        tls_unique: bytes | None = None,
+        device_id: str | None = None,
     ) -> CertificateRecord:
         """A device certificate for an authenticated device. The CSR supplies the key; the
-        identity comes from ``auth`` (a CSR naming another device is refused). A
-        challengePassword, when present, must be the connection's tls-unique."""
+        identity comes from ``auth`` (a CSR, or a ``device_id`` the caller states, naming
+        another device is refused). A challengePassword, when present, must be the
+        connection's tls-unique."""
         profile = self.settings.devices.profile
         actor = Actor(
             name=_device_actor(auth.device_id),
@@ -250,6 +262,8 @@ class DevicesMixin:
             enrollment_credential_id=auth.credential_id,
         )
         try:
+            if device_id is not None and check_device_id(device_id) != auth.device_id:
+                raise Forbidden(f"device_id {device_id!r} does not match the enrolment credential")
             parsed = parse_csr(csr, self.settings.policy, names_from_cn=False)
             bound = _check_device_csr(
                 parsed, auth.device_id, self._device_uri(auth.device_id), tls_unique

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from pki.errors import ConfigError, Unauthorised
@@ -53,8 +54,6 @@ class ManufacturerTrust:
 
     def pem(self) -> str:
         """The bundle as PEM text (empty when none is configured)."""
-        from cryptography.hazmat.primitives.serialization import Encoding
-
         return "".join(c.public_bytes(Encoding.PEM).decode() for c in self.certificates())
 
     def device_id_of(self, der: bytes, now: dt.datetime) -> str:

@@ -101,7 +101,8 @@ JOBS: dict[str, JobSpec] = {
             "purge",
             _purge,
             dt.timedelta(hours=1),
-            "delete expired ACME orders, used nonces and spent or expired enrolment tokens",
+            "delete expired ACME orders, used nonces, and spent or expired enrolment tokens "
+            "and device credentials",
         ),
     )
 }

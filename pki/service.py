@@ -23,7 +23,7 @@ from pki.actors import SYSTEM, Actor
 from pki.audit import AuditRecord, VerifyResult, verify_chain
 from pki.clock import Clock, SystemClock
 from pki.config import Settings, load_settings, resolve_home
-from pki.devices import DEVICE_ID, DevicesMixin
+from pki.devices import DevicesMixin, check_device_id
 from pki.errors import (
     Conflict,
     Forbidden,
@@ -54,7 +54,8 @@ from pki.signer import (
     spki_der,
 )
 from pki.store import CertificateQuery, Issuer, Store
-from pki.store.device_store import DeviceNote, SingleUseClaim
+from pki.store.claims import SingleUseClaim
+from pki.store.device_store import DeviceNote
 
 #: how often a process re-reads the issuers (to see a rotation done by another process)
 ISSUER_REFRESH_SECONDS = 30.0
@@ -284,7 +285,7 @@ class Pki(AccessMixin, RenewalMixin, DevicesMixin, PublishingMixin):
             device_status = self.store.complete_issuance(serial, der, record, note)
         except Exception as exc:
             if claim is not None:  # nothing was handed out: the secret may be used again
-                self.store.devices.release(claim)
+                self.store.claims.release(claim)
             if (
                 isinstance(exc, Conflict)
                 and note is not None
@@ -324,11 +325,7 @@ class Pki(AccessMixin, RenewalMixin, DevicesMixin, PublishingMixin):
             raise PolicyError(
                 "the device profile needs a device id (CSR subject serialNumber or CN)"
             )
-        if not DEVICE_ID.fullmatch(device_id):
-            raise PolicyError(
-                f"invalid device id {device_id!r}: it becomes the subject serialNumber and a "
-                "URI, so use 1-64 characters of A-Z a-z 0-9 . : -"
-            )
+        check_device_id(device_id, PolicyError)
         uri = self.settings.ca.device_uri_template.format(device_id=device_id)
         dns = tuple(n for n in names.dns if n != device_id.lower())
         uris = tuple(dict.fromkeys((uri, *names.uris)))

@@ -33,6 +33,7 @@ from pki.manufacturer import ManufacturerTrust
 from pki.service import IssueRequest, Pki
 from tests.api_helpers import unique
 from tests.conftest import build_csr
+from tests.test_est import Authority, make_authority
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -127,25 +128,8 @@ def test_device_settings_are_checked() -> None:
 # -- IDevID trust ---------------------------------------------------------------------------
 
 
-def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
 def _idevid(
-    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    ca: Authority,
     attrs: list[x509.NameAttribute],
     not_after: dt.datetime | None = None,
 ) -> bytes:
@@ -153,21 +137,21 @@ def _idevid(
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name(attrs))
-        .issuer_name(ca[0].subject)
+        .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOW - dt.timedelta(days=1))
         .not_valid_after(not_after or NOW + dt.timedelta(days=3650))
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca[1], hashes.SHA256())
+        .sign(ca.key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.DER)
 
 
 def test_manufacturer_trust_names_the_device_of_its_own_idevids(tmp_path: Path) -> None:
-    maker, other = _ca("Maker CA"), _ca("Other CA")
+    maker, other = make_authority("Maker CA"), make_authority("Other CA")
     bundle = tmp_path / "makers.pem"
-    bundle.write_bytes(maker[0].public_bytes(serialization.Encoding.PEM))
+    bundle.write_bytes(maker.cert.public_bytes(serialization.Encoding.PEM))
     trust = ManufacturerTrust(bundle)
     serial = x509.NameAttribute(NameOID.SERIAL_NUMBER, "SN-1")
     cn = x509.NameAttribute(NameOID.COMMON_NAME, "gw-7")
@@ -184,9 +168,9 @@ def test_manufacturer_trust_names_the_device_of_its_own_idevids(tmp_path: Path) 
     with pytest.raises(Unauthorised, match="parsed"):
         trust.device_id_of(b"\x30\x03junk", NOW)
     with pytest.raises(Unauthorised, match="CA certificate"):  # the CA itself
-        trust.device_id_of(maker[0].public_bytes(serialization.Encoding.DER), NOW)
+        trust.device_id_of(maker.cert.public_bytes(serialization.Encoding.DER), NOW)
     # the bundle is re-read when it changes
-    bundle.write_bytes(other[0].public_bytes(serialization.Encoding.PEM))
+    bundle.write_bytes(other.cert.public_bytes(serialization.Encoding.PEM))
     os.utime(bundle, (1, 1))
     assert trust.device_id_of(_idevid(other, [serial]), NOW) == "SN-1"
 
@@ -341,9 +325,9 @@ def test_a_malformed_device_id_is_refused_and_never_audited_as_given(pki: Pki) -
 def test_idevids_can_be_limited_to_devices_in_the_inventory(pki: Pki, tmp_path: Path) -> None:
     import dataclasses
 
-    maker = _ca("Maker CA")
+    maker = make_authority("Maker CA")
     bundle = tmp_path / "makers.pem"
-    bundle.write_bytes(maker[0].public_bytes(serialization.Encoding.PEM))
+    bundle.write_bytes(maker.cert.public_bytes(serialization.Encoding.PEM))
     devices = dataclasses.replace(
         pki.settings.devices, manufacturer_ca_file=str(bundle), idevid_known_devices_only=True
     )

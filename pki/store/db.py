@@ -32,7 +32,8 @@ from pki.audit import GENESIS, AuditRecord, StoredEvent, canonical_body, chain_h
 from pki.clock import Clock, SystemClock
 from pki.errors import Conflict, InvalidInput, NotFound, Unauthorised
 from pki.store.acme_store import AcmeStore
-from pki.store.device_store import DeviceNote, DeviceStore, SingleUseClaim
+from pki.store.claims import Claims, SingleUseClaim
+from pki.store.device_store import DeviceNote, DeviceStore
 from pki.store.driver import (
     Checkpointer,
     CompiledStatement,
@@ -212,6 +213,8 @@ class Store:
         self.lifecycle = LifecycleStore(self)
         #: the device inventory and enrolment credentials
         self.devices = DeviceStore(self)
+        #: single-use tokens and credentials, spent with the pending row they pay for
+        self.claims = Claims(self)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -428,7 +431,7 @@ class Store:
         row = dict(_PENDING_DEFAULTS, **values, status="pending", created_at=self.clock.now())
         try:
             with self._raw_tx() as cursor:
-                if claim is not None and not self.devices.claim(cursor, claim):
+                if claim is not None and not self.claims.claim(cursor, claim):
                     raise Unauthorised(
                         "single-use token already used"
                         if claim.kind == "token"

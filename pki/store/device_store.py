@@ -16,7 +16,7 @@ from pki.audit import AuditRecord
 from pki.errors import InvalidInput, NotFound
 from pki.store.device_models import Device, DeviceCredential
 from pki.store.driver import CompiledStatement
-from pki.store.models import ApiToken, Certificate, UTCDateTime
+from pki.store.models import Certificate, UTCDateTime
 
 if TYPE_CHECKING:
     from pki.store.db import Store
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 _DEVICES = Device.__table__
 _CREDENTIALS = DeviceCredential.__table__
-_TOKENS = ApiToken.__table__
 _ID = bindparam("p_id")
 _NOW = bindparam("p_now", type_=UTCDateTime())
 # Hot-path statements (issuance): compiled once, run on the issuance transaction's cursor.
@@ -32,31 +31,6 @@ _CREDENTIAL_BY_DIGEST = select(_CREDENTIALS).where(
     _CREDENTIALS.c.secret_sha256 == bindparam("p_digest")
 )
 _DEVICE_STATUS = select(_DEVICES.c.status).where(_DEVICES.c.id == _ID)
-_CLAIM_CREDENTIAL = (
-    _CREDENTIALS.update()
-    .where(
-        _CREDENTIALS.c.id == _ID, _CREDENTIALS.c.used_at.is_(None), _CREDENTIALS.c.expires_at > _NOW
-    )
-    .values(used_at=_NOW)
-)
-# enrolling with one credential retires the device's other unused ones (a leaked spare
-# must not enrol the device again)
-_RETIRE_SIBLINGS = (
-    _CREDENTIALS.update()
-    .where(
-        _CREDENTIALS.c.device_id
-        == select(_CREDENTIALS.c.device_id).where(_CREDENTIALS.c.id == _ID).scalar_subquery(),
-        _CREDENTIALS.c.id != _ID,
-        _CREDENTIALS.c.used_at.is_(None),
-        _CREDENTIALS.c.expires_at > _NOW,
-    )
-    .values(expires_at=_NOW)
-)
-_RELEASE_CREDENTIAL = _CREDENTIALS.update().where(_CREDENTIALS.c.id == _ID).values(used_at=None)
-_RELEASE_TOKEN = _TOKENS.update().where(_TOKENS.c.id == _ID).values(used_at=None)
-_CLAIM_TOKEN = (
-    _TOKENS.update().where(_TOKENS.c.id == _ID, _TOKENS.c.used_at.is_(None)).values(used_at=_NOW)
-)
 _DEVICE_FOR_NOTE = (
     select(_DEVICES.c.status, _DEVICES.c.enrolled_at).where(_DEVICES.c.id == _ID).with_for_update()
 )
@@ -75,15 +49,6 @@ _REENROL = (
     .where(_DEVICES.c.id == _ID)
     .values(status="enrolled", last_reenrolled_at=_NOW, current_serial=bindparam("p_serial"))
 )
-
-
-@dataclass(frozen=True)
-class SingleUseClaim:
-    """A single-use secret to spend in the transaction that records the issuance:
-    ``kind`` is ``token`` (an API token) or ``credential`` (a device credential)."""
-
-    kind: str
-    id: int
 
 
 @dataclass(frozen=True)
@@ -116,12 +81,10 @@ class DeviceStore:
         self._store = store
         dialect = store.engine.dialect
         upsert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+        self._upsert = upsert
         self._fast = {
             "credential": CompiledStatement(_CREDENTIAL_BY_DIGEST, dialect),
             "status": CompiledStatement(_DEVICE_STATUS, dialect),
-            "credential_claim": CompiledStatement(_CLAIM_CREDENTIAL, dialect),
-            "token_claim": CompiledStatement(_CLAIM_TOKEN, dialect),
-            "retire_siblings": CompiledStatement(_RETIRE_SIBLINGS, dialect),
             "for_note": CompiledStatement(_DEVICE_FOR_NOTE, dialect),
             "add": CompiledStatement(
                 upsert(_DEVICES).on_conflict_do_nothing(index_elements=[_DEVICES.c.id]),
@@ -154,9 +117,6 @@ class DeviceStore:
         transaction. InvalidInput, and nothing stored, if one of the devices is revoked."""
         now = self._store.clock.now()
         ids = list(dict.fromkeys(c.device_id for c in credentials))
-        upsert = (
-            postgresql.insert if self._store.engine.dialect.name == "postgresql" else sqlite.insert
-        )
         with self._store._tx() as s:
             revoked = list(
                 s.execute(
@@ -168,7 +128,7 @@ class DeviceStore:
                     f"device(s) revoked, no credential issued: {', '.join(sorted(revoked)[:5])}"
                 )
             s.execute(
-                upsert(Device).on_conflict_do_nothing(index_elements=[Device.id]),
+                self._upsert(Device).on_conflict_do_nothing(index_elements=[Device.id]),
                 [{"id": i, "status": "provisioned", "created_at": now} for i in ids],
             )
             s.execute(
@@ -191,24 +151,6 @@ class DeviceStore:
         """The credential (attribute access like :class:`DeviceCredential`) whose secret
         has SHA-256 ``digest``, or None. One compiled statement on this thread's reader."""
         return self._store._hot_read(self._fast["credential"], {"p_digest": digest})
-
-    def claim(self, cursor: Any, claim: SingleUseClaim) -> bool:
-        """Spend a single-use secret inside the caller's write transaction; False if it
-        was used or expired meanwhile."""
-        stmt = self._fast["token_claim" if claim.kind == "token" else "credential_claim"]
-        params = {"p_id": claim.id, "p_now": self._store.clock.now()}
-        if stmt.run(cursor, params).rowcount != 1:
-            return False
-        if claim.kind == "credential":
-            self._fast["retire_siblings"].run(cursor, params)
-        return True
-
-    def release(self, claim: SingleUseClaim) -> None:
-        """Make a spent secret usable again: the issuance it was spent on failed before
-        any certificate was handed out (its pending row is reconciled as usual)."""
-        stmt = _RELEASE_TOKEN if claim.kind == "token" else _RELEASE_CREDENTIAL
-        with self._store._tx() as s:
-            s.execute(stmt, {"p_id": claim.id})
 
     def note(self, cursor: Any, note: DeviceNote, serial: str) -> str:
         """Inside the caller's write transaction, record that the device now holds
