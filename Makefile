@@ -93,8 +93,13 @@ ifeq ($(shell command -v chromium 2>/dev/null),)
 endif
 
 ## test: full test suite (pytest with 2 xdist workers) followed by ruff
+# the reliability tests (issue #8) append their figures here; printed after the suite
+FIGURES     := $(CURDIR)/.reliability-figures.jsonl
+
 test: venv softhsm acme-clients dashboard-browser
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	rm -f $(FIGURES)
+	status=0; HSMCA_FIGURES=$(FIGURES) $(PY) -m pytest -n 2 -q $(PYTEST_ARGS) || status=$$?; \
+	$(PY) -m tests.figures $(FIGURES); exit $$status
 	$(VENV)/bin/ruff check .
 
 ## run: initialise $HSMCA_HOME on first use, then serve

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 from email.utils import format_datetime
 
 MAX_HEAD_BYTES = 16 * 1024
+#: a Content-Length with more digits is refused (413) before it is converted
+MAX_LENGTH_DIGITS = 18
+#: gunicorn's limit_request_line and limit_request_field_size, and its limit_request_fields
+#: (100) less room for the headers the front end adds when it forwards
+MAX_LINE_BYTES = 8190
+MAX_FIELDS = 90
 #: hop-by-hop headers (RFC 9110 7.6.1) are not forwarded
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
@@ -41,6 +47,7 @@ def forwardable(name: bytes, connection_tokens: frozenset[bytes]) -> bool:
 REASONS = {
     400: b"Bad Request",
     413: b"Content Too Large",
+    414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
     502: b"Bad Gateway",
@@ -79,6 +86,11 @@ def parse_head(buffer: bytearray) -> RequestHead | None:
     if end > MAX_HEAD_BYTES:
         raise BadRequest(431, "request head too large")
     lines = bytes(buffer[:end]).split(b"\r\n")
+    # what the backend (gunicorn) would refuse with an HTML page is refused here
+    if len(lines[0]) > MAX_LINE_BYTES:
+        raise BadRequest(414, "request line too long")
+    if len(lines) > MAX_FIELDS + 1 or any(len(line) > MAX_LINE_BYTES for line in lines):
+        raise BadRequest(431, "too many or too large header fields")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise BadRequest(400, "malformed request line")
@@ -93,7 +105,11 @@ def parse_head(buffer: bytearray) -> RequestHead | None:
             raise BadRequest(400, "malformed header line")
         value = value.strip()
         if name == b"content-length":
-            if not value.isdigit() or (length is not None and int(value) != length):
+            if not value.isdigit():
+                raise BadRequest(400, "invalid Content-Length")
+            if len(value) > MAX_LENGTH_DIGITS:  # over every limit, and int() refuses 4301+
+                raise BadRequest(413, "request body too large")
+            if length is not None and int(value) != length:
                 raise BadRequest(400, "invalid Content-Length")
             length = int(value)
         elif name == b"transfer-encoding":
