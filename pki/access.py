@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pki.actors import ROLES, Actor
 from pki.audit import AuditRecord
 from pki.errors import InvalidInput, Unauthorised
-from pki.policy import classify_names
+from pki.policy import check_name_patterns
 from pki.store import ApiToken
 
 if TYPE_CHECKING:
@@ -60,11 +60,7 @@ class AccessMixin:
             raise InvalidInput(f"unknown role {role!r}; one of {', '.join(ROLES)}")
         for p in profiles:
             self.profiles.get(p)
-        if allowed_names:
-            for pattern in allowed_names:
-                probe = pattern.replace("*.", "x.", 1) if pattern.startswith("*.") else pattern
-                if pattern != "*" and "/" not in pattern and ":" not in pattern:
-                    classify_names([probe])
+        check_name_patterns(allowed_names)
         now = self.clock.now()
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         name = name or f"{role}-{secrets.token_hex(4)}"

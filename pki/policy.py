@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID, NameOID
 
@@ -95,7 +96,8 @@ def check_public_key(public_key: object, settings: PolicySettings) -> str:
 
 def load_csr(data: str | bytes) -> x509.CertificateSigningRequest:
     """Parse a PEM or DER PKCS#10 request; BadCsr with a hint otherwise."""
-    raw = data.encode() if isinstance(data, str) else data
+    # a JSON string may hold a lone surrogate, which strict UTF-8 cannot encode
+    raw = data.encode("utf-8", "replace") if isinstance(data, str) else data
     if len(raw) > MAX_CSR_BYTES:
         raise BadCsr(f"CSR too large ({len(raw)} bytes; limit {MAX_CSR_BYTES})")
     try:
@@ -171,11 +173,15 @@ def parse_csr(data: str | bytes, settings: PolicySettings, names_from_cn: bool =
     SAN, the CN is taken as the name to certify, unless ``names_from_cn`` is false (a
     device's CN is a label such as "Acme Sensor 2", not a host name)."""
     csr = load_csr(data)
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm):  # an EC point off its curve, an unknown key
+        raise BadCsr("the CSR's public key cannot be parsed") from None
+    if not valid:
         raise BadCsr("the CSR's signature does not verify with its own public key")
     try:
         public_key = csr.public_key()
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise BadCsr("the CSR's public key cannot be parsed") from None
     kind = check_public_key(public_key, settings)
     try:
@@ -214,6 +220,17 @@ def parse_csr(data: str | bytes, settings: PolicySettings, names_from_cn: bool =
     if len(names.all()) > settings.max_names:
         raise BadCsr(f"too many names: {len(names.all())} (at most {settings.max_names})")
     return ParsedCsr(csr, public_key, kind, common_name, subject_serial, names)
+
+
+def check_name_patterns(patterns: Iterable[str]) -> tuple[str, ...]:
+    """The allowed-name patterns (``--allowed-names`` of tokens and EAB keys) stripped;
+    BadCsr naming a DNS pattern that could never match a valid name."""
+    found = tuple(p.strip() for p in patterns if p.strip())
+    for pattern in found:
+        probe = pattern.replace("*.", "x.", 1) if pattern.startswith("*.") else pattern
+        if pattern != "*" and "/" not in pattern and ":" not in pattern:
+            classify_names([probe])
+    return found
 
 
 class NamePolicy:

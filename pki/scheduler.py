@@ -64,6 +64,13 @@ def _expiry_scan(pki: Pki) -> dict[str, Any]:
     return dict(expiry_scan(pki))
 
 
+def _reconcile_pending(pki: Pki) -> dict[str, Any]:
+    from pki.acme.service import Acme
+
+    revoked = len(pki.reconcile_pending())
+    return {"revoked": revoked, "acme_orders_failed": Acme(pki).fail_interrupted_orders()}
+
+
 def _rotate_issuing_ca(pki: Pki) -> dict[str, Any]:
     from pki.lifecycle import rotate_issuing_cas
 
@@ -96,6 +103,14 @@ JOBS: dict[str, JobSpec] = {
             _expiry_scan,
             dt.timedelta(minutes=5),
             "notify (webhook, e-mail) of certificates near expiry that were not renewed",
+        ),
+        JobSpec(
+            "reconcile-pending",
+            _reconcile_pending,
+            dt.timedelta(minutes=5),
+            "revoke rows left pending past ca.pending_grace_seconds by an issuance that "
+            "failed after its signature (database outage, crash), and fail the ACME orders "
+            "whose finalize it interrupted",
         ),
         JobSpec(
             "purge",

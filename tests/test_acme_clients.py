@@ -305,7 +305,8 @@ def create_eab_key(service: AcmeService) -> dict[str, str]:
     )
     assert proc.returncode == 0, output(proc)
     created = json.loads(proc.stdout)
-    assert set(created) == {"kid", "hmac_key", "name"}, created
+    assert set(created) == {"kid", "hmac_key", "name", "allowed_names", "profiles"}, created
+    assert created["allowed_names"] == [] and created["profiles"] == []  # no limits
     return created
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pki.acme import jws
 from pki.acme.problems import AcmeProblem
 from pki.audit import AuditRecord
-from pki.errors import Conflict
+from pki.errors import Conflict, InvalidInput
+from pki.policy import check_name_patterns
 from pki.store.acme_models import AcmeAccount, AcmeEabKey
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from pki.actors import Actor
     from pki.clock import Clock
     from pki.config import AcmeSettings
+    from pki.service import Pki
     from pki.store.acme_store import AcmeStore
 
 MAX_CONTACTS = 10
@@ -28,19 +31,25 @@ MAX_CONTACTS = 10
 
 @dataclass(frozen=True)
 class CreatedEabKey:
-    """A new EAB key: the HMAC key is shown once (base64url, as clients expect it)."""
+    """A new EAB key: the HMAC key is shown once (base64url, as clients expect it).
+    ``allowed_names`` and ``profiles`` limit the account it creates (empty: no limit)."""
 
     kid: str
     hmac_key: str
     name: str
+    allowed_names: tuple[str, ...] = ()
+    profiles: tuple[str, ...] = ()
 
 
 class AccountsMixin:
     """Account use-cases of :class:`pki.acme.service.Acme`."""
 
+    pki: Pki
     store: AcmeStore
     settings: AcmeSettings
     clock: Clock
+    #: the profiles offered over ACME (:meth:`pki.acme.orders.OrdersMixin.profiles`)
+    profiles: Callable[[], dict[str, str]]
 
     def new_account(
         self, auth: Authenticated, payload: dict[str, Any], urls: AcmeUrls
@@ -57,9 +66,9 @@ class AccountsMixin:
         if not isinstance(agreed, bool):
             raise AcmeProblem("malformed", "termsOfServiceAgreed must be a boolean")
         eab = payload.get("externalAccountBinding")
-        eab_kid = None
+        bound = None
         if eab is not None:
-            eab_kid = self._check_eab(eab, auth.key, urls)
+            bound = self._check_eab(eab, auth.key, urls)
         elif self.settings.require_eab:
             raise AcmeProblem(
                 "externalAccountRequired",
@@ -72,13 +81,22 @@ class AccountsMixin:
             status="valid",
             contact=contact,
             tos_agreed=agreed,
-            eab_kid=eab_kid,
+            eab_kid=bound.kid if bound else None,
+            # the EAB key's limits pass to its account (step-ca and EJBCA do likewise)
+            allowed_names=list(bound.allowed_names or ()) if bound else None,
+            profiles=list(bound.profiles or ()) if bound else None,
             created_at=self.clock.now(),
         )
+        eab_kid = account.eab_kid
         record = AuditRecord(
             action="acme.account.create",
             actor="acme",
-            details={"key_thumbprint": auth.key.thumbprint, "eab_kid": eab_kid},
+            details={
+                "key_thumbprint": auth.key.thumbprint,
+                "eab_kid": eab_kid,
+                "allowed_names": account.allowed_names,
+                "profiles": account.profiles,
+            },
         )
         try:
             return self.store.create_account(account, record, eab_kid), True
@@ -88,7 +106,7 @@ class AccountsMixin:
                 return existing, False  # a concurrent newAccount with the same key won
             raise AcmeProblem("unauthorized", str(exc)) from None
 
-    def _check_eab(self, eab: Any, key: jws.AccountKey, urls: AcmeUrls) -> str:
+    def _check_eab(self, eab: Any, key: jws.AccountKey, urls: AcmeUrls) -> AcmeEabKey:
         inner = jws.parse_object(eab, inner=True)
         if not inner.alg.startswith("HS"):
             raise AcmeProblem("malformed", "externalAccountBinding must be signed with HS256")
@@ -105,7 +123,7 @@ class AccountsMixin:
             raise AcmeProblem("unauthorized", "externalAccountBinding: unknown key id or bad MAC")
         if stored.used_at is not None:
             raise AcmeProblem("unauthorized", f"external account key {kid!r} was already used")
-        return kid
+        return stored
 
     def update_account(
         self, auth: Authenticated, account_id: int, payload: dict[str, Any] | None
@@ -171,19 +189,45 @@ class AccountsMixin:
         except Conflict:
             raise AcmeProblem("conflict", "the new key already belongs to an account") from None
 
-    def create_eab_key(self, name: str | None, actor: Actor) -> CreatedEabKey:
-        """A new single-use External Account Binding key (the HMAC key is shown once)."""
+    def create_eab_key(
+        self,
+        name: str | None,
+        actor: Actor,
+        allowed_names: tuple[str, ...] = (),
+        profiles: tuple[str, ...] = (),
+    ) -> CreatedEabKey:
+        """A new single-use External Account Binding key (the HMAC key is shown once).
+        The account it creates may order only names matching ``allowed_names`` (the
+        patterns of API tokens) and only ``profiles``; empty means no limit beyond
+        ``acme.allowed_domains``. InvalidInput for a bad pattern or a profile not offered."""
+        actor.require_role("admin")
+        patterns = check_name_patterns(allowed_names)
+        offered = self.profiles()
+        for profile in profiles:
+            if profile not in offered:
+                raise InvalidInput(
+                    f"profile {profile!r} is not offered over ACME; one of "
+                    f"{', '.join(sorted(offered))}"
+                )
+        kinds = tuple(dict.fromkeys(profiles))
         kid = "eab_" + secrets.token_urlsafe(12)
         raw = os.urandom(32)
         label = name or kid
+        key = AcmeEabKey(
+            kid=kid,
+            name=label,
+            hmac_key=raw,
+            created_at=self.clock.now(),
+            allowed_names=list(patterns) or None,
+            profiles=list(kinds) or None,
+        )
+        details = {"name": label, "allowed_names": list(patterns), "profiles": list(kinds)}
         self.store.add_eab_key(
-            AcmeEabKey(kid=kid, name=label, hmac_key=raw, created_at=self.clock.now()),
-            AuditRecord(
-                action="acme.eab.create", actor=actor.name, subject=kid, details={"name": label}
-            ),
+            key,
+            AuditRecord(action="acme.eab.create", actor=actor.name, subject=kid, details=details),
         )
         encoded = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-        return CreatedEabKey(kid=kid, hmac_key=encoded, name=label)
+        return CreatedEabKey(kid, encoded, label, patterns, kinds)
 
     def _own_account(self, auth: Authenticated, account_id: int) -> AcmeAccount:
         if auth.account is None or auth.account.id != account_id:

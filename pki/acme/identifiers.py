@@ -95,13 +95,16 @@ def _normalise(type_: str, value: str) -> Identifier:
     raise BadCsr(f"{value!r} is an IP address: use an identifier of type ip")
 
 
-def check_allowed(identifiers: Iterable[Identifier], patterns: Iterable[str]) -> None:
-    """rejectedIdentifier (with subproblems) unless every identifier is allowed."""
+def check_allowed(
+    identifiers: Iterable[Identifier], patterns: Iterable[str], whose: str = "this CA's policy"
+) -> None:
+    """rejectedIdentifier (with subproblems) unless every identifier is allowed by
+    ``patterns`` (``whose`` names them in the detail)."""
     policy = NamePolicy(patterns)
     bad = [
         _subproblem(
             "rejectedIdentifier",
-            f"{i.value} is not allowed by this CA's policy (allowed: {policy._hint()})",
+            f"{i.value} is not allowed by {whose} (allowed: {policy._hint()})",
             i.value,
             i.type,
         )

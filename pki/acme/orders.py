@@ -64,9 +64,15 @@ class OrderState:
     authorization_ids: list[str]
 
 
-def account_actor(account_id: int) -> Actor:
-    """The actor an ACME account issues and revokes as (its certificates' requester)."""
-    return Actor(name=f"acme-account:{account_id}", role="issuer")
+def account_actor(account: AcmeAccount) -> Actor:
+    """The actor an ACME account issues and revokes as (its certificates' requester),
+    with the name patterns and profiles its EAB key gave it (none: no limit)."""
+    return Actor(
+        name=f"acme-account:{account.id}",
+        role="issuer",
+        allowed_names=tuple(account.allowed_names or ("*",)),
+        profiles=tuple(account.profiles or ()),
+    )
 
 
 class OrdersMixin:
@@ -116,7 +122,7 @@ class OrdersMixin:
             payload.get("identifiers"), self.pki.settings.policy.max_names
         )
         check_allowed(identifiers, self.settings.allowed_domains)
-        profile = payload.get("profile") or self.settings.default_profile
+        profile = payload.get("profile") or self._default_profile(account)
         if not isinstance(profile, str):
             raise AcmeProblem("malformed", "profile must be a string")
         offered = self.profiles()
@@ -125,6 +131,7 @@ class OrdersMixin:
                 "invalidProfile",
                 f"unknown profile {profile!r}; this CA offers {', '.join(sorted(offered))}",
             )
+        self._check_account_limits(account, identifiers, profile)
         replaces = payload.get("replaces")
         if replaces is not None:
             self._check_replaces(account, replaces)
@@ -168,6 +175,33 @@ class OrdersMixin:
         self.store.create_order(order, authzs, challs)
         return OrderState(order, sorted(a.id for a in authzs))
 
+    def _default_profile(self, account: AcmeAccount) -> str:
+        """``acme.default_profile``, or the account's first profile if it may not use it."""
+        default = self.settings.default_profile
+        if account.profiles and default not in account.profiles:
+            return account.profiles[0]
+        return default
+
+    def _check_account_limits(
+        self, account: AcmeAccount, identifiers: list[Identifier], profile: str
+    ) -> None:
+        """rejectedIdentifier or invalidProfile (audited) beyond what the account's EAB
+        key allows; an account without limits passes."""
+        who = f"acme-account:{account.id}"
+        if account.allowed_names:
+            try:
+                check_allowed(identifiers, account.allowed_names, "this account's binding")
+            except AcmeProblem as exc:
+                self.pki.audit_refusal("acme.order", None, exc.detail, actor=who)
+                raise
+        if account.profiles and profile not in account.profiles:
+            why = (
+                f"profile {profile!r} is not allowed for this account "
+                f"(allowed: {', '.join(account.profiles)})"
+            )
+            self.pki.audit_refusal("acme.order", None, why, actor=who)
+            raise AcmeProblem("invalidProfile", why)
+
     def _check_rate(self, account: AcmeAccount, now: dt.datetime) -> None:
         limit = self.settings.orders_per_hour
         count, oldest = self.store.orders_since(account.id, now - RATE_WINDOW)
@@ -207,7 +241,18 @@ class OrdersMixin:
         if order.status in ("pending", "ready") and order.expires <= self.clock.now():
             self.store.expire(self.clock.now(), order_id)
             found = self.store.order_view(order_id) or found
+        elif order.status == "processing" and self.fail_interrupted_orders(order_id):
+            found = self.store.order_view(order_id) or found
         return OrderState(*found)
+
+    def fail_interrupted_orders(self, order_id: str | None = None) -> int:
+        """Orders ``processing`` for longer than ``ca.pending_grace_seconds`` lost their
+        finalize to a crash or an outage (a finalize issues in milliseconds): they become
+        ``invalid`` so their clients stop polling and order again (RFC 8555 7.1.6). Their
+        pending certificate rows are revoked by the ``reconcile-pending`` job."""
+        grace = dt.timedelta(seconds=self.pki.settings.ca.pending_grace_seconds)
+        error = problem_json("serverInternal", "issuance was interrupted; place a new order", 500)
+        return self.store.fail_interrupted_orders(self.clock.now() - grace, error, order_id)
 
     def authorization(
         self, auth: Authenticated, authz_id: str
@@ -318,6 +363,7 @@ class OrdersMixin:
     def finalize(self, auth: Authenticated, order_id: str, payload: dict[str, Any]) -> OrderState:
         """Issue the order's certificate from a CSR naming exactly its identifiers."""
         state = self.order(auth, order_id)
+        account = auth.require_account()
         order = state.order
         if order.status != "ready":
             raise AcmeProblem(
@@ -337,7 +383,9 @@ class OrdersMixin:
         check_csr_names(identifiers, parsed.names, parsed.common_name)
         if spki_der(parsed.public_key) == auth.key.spki_der():
             raise AcmeProblem("badCSR", "the certificate key must not be the account key")
-        if not self.store.set_order(order_id, ("ready",), status="processing"):
+        if not self.store.set_order(
+            order_id, ("ready",), status="processing", processing_since=self.clock.now()
+        ):
             raise AcmeProblem("orderNotReady", "the order is already being finalized")
         try:
             record = self.pki.issue_for_key(
@@ -346,7 +394,8 @@ class OrdersMixin:
                 parsed.common_name,
                 order.profile,
                 None,
-                account_actor(order.account_id),
+                # the account's limits, checked again by the core (defence in depth)
+                account_actor(account),
                 details={"acme_order": order_id},
             )
         except (PolicyError, Forbidden) as exc:
@@ -405,7 +454,7 @@ class OrdersMixin:
                 raise self._refuse(
                     auth, "certificate.revoke", serial, "this account did not order it"
                 )
-            actor = account_actor(auth.account.id)
+            actor = account_actor(auth.account)
         else:
             spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
             if auth.key.spki_der() != spki:

@@ -28,11 +28,15 @@ class AcmeAccount(Base):
     contact: Mapped[list[str]] = mapped_column(JSON)
     tos_agreed: Mapped[bool] = mapped_column(Boolean, default=False)
     eab_kid: Mapped[str | None] = mapped_column(String(64))
+    #: name patterns and profiles inherited from the EAB key (None or empty: no limit)
+    allowed_names: Mapped[list[str] | None] = mapped_column(JSON)
+    profiles: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class AcmeEabKey(Base):
-    """An External Account Binding key: single use, bound to the account it created."""
+    """An External Account Binding key: single use, bound to the account it created; its
+    name patterns and profiles (None or empty: no limit) pass to that account."""
 
     __tablename__ = "acme_eab_keys"
 
@@ -42,6 +46,8 @@ class AcmeEabKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     account_id: Mapped[int | None] = mapped_column(Integer)
+    allowed_names: Mapped[list[str] | None] = mapped_column(JSON)
+    profiles: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class AcmeOrder(Base):
@@ -61,6 +67,8 @@ class AcmeOrder(Base):
     #: the ARI certificate id (RFC 9773) this order replaces
     replaces: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: when finalize started issuing (an order processing long after was interrupted)
+    processing_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         Index("ix_acme_orders_account_id_created_at", "account_id", "created_at"),

@@ -270,6 +270,18 @@ class AcmeStore:
             )
             return done.rowcount == 1
 
+    def fail_interrupted_orders(
+        self, started_before: dt.datetime, error: dict[str, Any], order_id: str | None = None
+    ) -> int:
+        """Make ``invalid`` (with ``error``) the orders ``processing`` since before
+        ``started_before`` (all of them, or ``order_id``): their finalize was cut off."""
+        started = func.coalesce(AcmeOrder.processing_since, AcmeOrder.created_at)
+        stmt = update(AcmeOrder).where(AcmeOrder.status == "processing", started < started_before)
+        if order_id is not None:
+            stmt = stmt.where(AcmeOrder.id == order_id)
+        with self._store._tx() as s:
+            return s.execute(stmt.values(status="invalid", error=error)).rowcount
+
     def expire(self, now: dt.datetime, order_id: str) -> None:
         """Mark the order and its unfinished authorizations invalid once they expired."""
         with self._store._tx() as s:
