@@ -22,12 +22,15 @@ from werkzeug.exceptions import HTTPException
 
 from acme_server import render
 from ca_service.context import core
+from ca_service.problems import RETRY_AFTER_SECONDS, ApiError, drain_body
+from ca_service.validation import raw_body
 from pki.acme.jws import payload_object
 from pki.acme.orders import OrderState
 from pki.acme.problems import AcmeProblem
 from pki.acme.service import Acme, Authenticated
 from pki.acme.urls import AcmeUrls
-from pki.errors import HsmcaError
+from pki.errors import DatabaseUnavailable, HsmcaError, HsmError
+from pki.store.faults import unavailable
 
 acme = Blueprint("acme", __name__, url_prefix="/acme")
 log = logging.getLogger("hsmca.acme")
@@ -75,8 +78,12 @@ def _authenticate(jwk_allowed: bool = False, jwk_required: bool = False) -> Auth
     if mimetype != JOSE:
         raise AcmeProblem("malformed", f"Content-Type must be {JOSE}", status=415)
     urls = _urls()
+    try:  # a chunked body over the limit is refused, not cut at the limit
+        body = raw_body(request)
+    except ApiError as exc:
+        raise AcmeProblem("malformed", str(exc), status=exc.status) from None
     return acme_core().authenticate(
-        request.get_data(cache=False),
+        body,
         _request_url(urls),
         urls,
         jwk_allowed=jwk_allowed or jwk_required,
@@ -116,16 +123,30 @@ def _problem(exc: AcmeProblem) -> Response:
 
 @acme.errorhandler(HsmcaError)
 def _core_error(exc: HsmcaError) -> Response:
+    if isinstance(exc, HsmError | DatabaseUnavailable):  # an outage: try again shortly
+        return _problem(
+            AcmeProblem(
+                "serverInternal",
+                f"the CA is temporarily unavailable: {exc}",
+                status=503,
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        )
     return _problem(AcmeProblem("serverInternal", f"the CA could not do this: {exc}"))
 
 
 @acme.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> Response:
+    if exc.code == 413:  # read what was sent, or the client gets a reset, not the 413
+        drain_body()
     return _problem(AcmeProblem("malformed", exc.description or exc.name, status=exc.code))
 
 
 @acme.errorhandler(Exception)
 def _unexpected(exc: Exception) -> Response:
+    fault = unavailable(exc)
+    if fault is not None:
+        return _core_error(fault)
     log.error("unhandled error in ACME", exc_info=exc)
     return _problem(AcmeProblem("serverInternal", "an unexpected error occurred"))
 

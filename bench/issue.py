@@ -4,17 +4,21 @@ Both run in this process, against one SoftHSM2 token in a temporary home:
 
 * bare pipeline: CSR parse + signature check, certificate build, HSM signature (P-256),
   DER encoding; no database, no policy, no audit;
-* hsmca: ``Pki.issue`` — policy, record-before-sign in SQLite (WAL), HSM signature,
-  signed DER stored, audit event appended, record returned.
+* hsmca: ``Pki.issue`` — policy, lint before sign (pkilint on a throwaway-key copy,
+  ``ca.lint_before_sign``, on by default), record-before-sign in SQLite (WAL), HSM
+  signature, signed DER stored, audit event appended, record returned;
+* hsmca without lint: the same with ``ca.lint_before_sign = false``, to show its cost.
 
-Prints certificates/s for each and their ratio (goal: >= 0.5). Bounded by --count
-and --seconds; the two phases alternate in rounds of 100 so both see the same load.
+Prints certificates/s for each, their ratios (goal: >= 0.5) and what linting costs per
+certificate. Bounded by --count and --seconds; the phases alternate in rounds of 100 so
+all see the same load.
 Reference: django-ca issued 341 certs/s in-process with a SoftHSM2 key here.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import tempfile
@@ -100,42 +104,58 @@ def main() -> None:
         home = Path(tmp)
         initialise(home, "Bench")
         pki = Pki.open(home)
+        unlinted = Pki.open(home)
+        unlinted.settings = dataclasses.replace(
+            unlinted.settings,
+            ca=dataclasses.replace(unlinted.settings.ca, lint_before_sign=False),
+        )
+        assert pki.settings.ca.lint_before_sign, "lint before sign is on by default"
         csrs = make_csrs(args.count)
-        # warm-up: log in, cache key handles, prime the SQLite connection pool
+        # warm-up: log in, cache key handles, prime the SQLite connection pool, import pkilint
         bare_pipeline(pki, csrs[:50], 5)
         full_use_case(pki, make_csrs(50), 5)
-        # alternate rounds so both phases see the same machine load
-        n_bare = n_full = 0
-        t_bare = t_full = 0.0
-        deadline = time.monotonic() + 2 * args.seconds
+        full_use_case(unlinted, make_csrs(50), 5)
+        # alternate rounds so all phases see the same machine load
+        counts = {"bare": 0, "full": 0, "nolint": 0}
+        times = dict.fromkeys(counts, 0.0)
+        deadline = time.monotonic() + 3 * args.seconds
         for i in range(0, len(csrs), ROUND):
             chunk = csrs[i : i + ROUND]
-            n, t = bare_pipeline(pki, chunk, args.seconds)
-            n_bare, t_bare = n_bare + n, t_bare + t
-            n, t = full_use_case(pki, chunk, args.seconds)
-            n_full, t_full = n_full + n, t_full + t
+            for phase, (n, t) in (
+                ("bare", bare_pipeline(pki, chunk, args.seconds)),
+                ("full", full_use_case(pki, chunk, args.seconds)),
+                ("nolint", full_use_case(unlinted, make_csrs(len(chunk)), args.seconds)),
+            ):
+                counts[phase] += n
+                times[phase] += t
             if time.monotonic() > deadline:
                 break
+        unlinted.close()
         pki.close()
-    bare = n_bare / t_bare
-    full = n_full / t_full
+    bare, full, nolint = (counts[p] / times[p] for p in ("bare", "full", "nolint"))
+    lint_ms = (1 / full - 1 / nolint) * 1000
     result = {
         "bare_pipeline_certs_per_s": round(bare, 1),
         "hsmca_issue_certs_per_s": round(full, 1),
+        "hsmca_issue_without_lint_certs_per_s": round(nolint, 1),
         "ratio": round(full / bare, 3),
+        "ratio_without_lint": round(nolint / bare, 3),
+        "lint_ms_per_certificate": round(lint_ms, 2),
         "goal_ratio": 0.5,
-        "bare_count": n_bare,
-        "hsmca_count": n_full,
+        "counts": counts,
         "reference_django_ca_certs_per_s": 341,
     }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"bare pipeline (parse+verify, build, HSM sign, DER): {bare:8.1f} certs/s ({n_bare})")
+    print(f"bare pipeline (parse+verify, build, HSM sign, DER): {bare:8.1f} certs/s")
+    print(f"hsmca Pki.issue (policy, lint, pending row, sign, store, audit): {full:8.1f} certs/s")
+    print(f"hsmca Pki.issue with ca.lint_before_sign = false:   {nolint:8.1f} certs/s")
+    print(f"lint before sign costs {lint_ms:.2f} ms per certificate")
     print(
-        f"hsmca Pki.issue (policy, pending row, sign, store, audit): {full:8.1f} certs/s ({n_full})"
+        f"ratio: {full / bare:.3f} with lint, {nolint / bare:.3f} without "
+        "(goal >= 0.5); django-ca reference: 341 certs/s"
     )
-    print(f"ratio: {full / bare:.3f} (goal >= 0.5); django-ca reference: 341 certs/s")
     print("PASS" if full / bare >= 0.5 else "BELOW GOAL")
 
 

@@ -15,7 +15,7 @@ from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ca_service import metrics, problems
-from ca_service.logs import configure_logging, install_request_ids
+from ca_service.logs import configure_logging, install_request_ids, register_settings_secrets
 from pki.config import load_settings, resolve_home
 from pki.service import Pki
 
@@ -39,7 +39,8 @@ def create_app(
         JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    configure_logging()
+    configure_logging(settings.server.log_level)
+    register_settings_secrets(settings)
     install_request_ids(app)
     problems.register(app)
     _install_request_metrics(app)

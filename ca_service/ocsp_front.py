@@ -417,7 +417,7 @@ async def run_front(home: Path, host: str, port: int, backend: str) -> None:
     """Serve until SIGTERM or SIGINT."""
     _raise_descriptor_limit()
     settings = load_settings(home)
-    store = Store(settings.database.url, SystemClock())
+    store = Store(settings.database.url, SystemClock(), settings.database.busy_timeout_seconds)
     front = Front(PresignedResponses(store, SystemClock()), backend)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", required=True, type=int)
     parser.add_argument("--backend", required=True, help="Unix socket of the plain-HTTP app")
     args = parser.parse_args(argv)
-    configure_logging()
+    configure_logging(load_settings(args.home).server.log_level)
     asyncio.run(run_front(args.home, args.host, args.port, args.backend))
 
 

@@ -7,14 +7,25 @@ import datetime as dt
 from flask import Blueprint, Response, request
 
 from ca_service.context import core
+from ca_service.problems import RETRY_AFTER_SECONDS
+from pki.errors import HsmError
 from pki.ocsp import MAX_REQUEST_BYTES, MalformedRequest, decode_get_path, error_response
+from pki.store.faults import unavailable
 
 ocsp = Blueprint("ocsp", __name__)
 OCSP_RESPONSE = "application/ocsp-response"
 
 
 def _answer(der: bytes) -> Response:
-    result = core().ocsp_respond(der)
+    try:
+        result = core().ocsp_respond(der)
+    except Exception as exc:  # the database or HSM is down: tryLater (RFC 6960 4.2.1)
+        if not isinstance(exc, HsmError) and unavailable(exc) is None:
+            raise
+        resp = Response(error_response("try_later"), mimetype=OCSP_RESPONSE)
+        resp.headers["Cache-Control"] = "no-store"
+        resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return resp
     resp = Response(result.der, mimetype=OCSP_RESPONSE)
     resp.headers.extend(result.http_headers(dt.datetime.now(dt.UTC)))
     return resp

@@ -9,8 +9,11 @@ from flask import Flask, Response, g, json, request
 from werkzeug.exceptions import HTTPException
 
 from pki import errors
+from pki.store.faults import unavailable
 
 PROBLEM_TYPE = "application/problem+json"
+#: what a 503 (HSM or database unavailable) asks the client to wait before retrying
+RETRY_AFTER_SECONDS = 2
 log = logging.getLogger("hsmca.http")
 
 _STATUS: list[tuple[type[errors.HsmcaError], int]] = [
@@ -22,6 +25,7 @@ _STATUS: list[tuple[type[errors.HsmcaError], int]] = [
     (errors.PolicyError, 400),
     (errors.NotInitialised, 503),
     (errors.HsmError, 503),
+    (errors.DatabaseUnavailable, 503),
     (errors.ConfigError, 500),
 ]
 
@@ -75,7 +79,11 @@ def register(app: Flask) -> None:
     @app.errorhandler(errors.HsmcaError)
     def _core(exc: errors.HsmcaError) -> Response:
         status = status_for(exc)
-        headers = {"WWW-Authenticate": _challenge()} if status == 401 else None
+        headers = None
+        if status == 401:
+            headers = {"WWW-Authenticate": _challenge()}
+        elif status == 503:
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         title = _TITLES.get(status, "Error")
         if status >= 500:
             log.error("request failed: %s", exc, extra={"kind": exc.kind})
@@ -88,7 +96,7 @@ def register(app: Flask) -> None:
         if status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             detail = f"request body larger than {limit} bytes"
-            _drain_body()
+            drain_body()
         headers = {}
         if status == 405 and exc.response is None:
             allowed = getattr(exc, "valid_methods", None)
@@ -98,6 +106,9 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        fault = unavailable(exc)
+        if fault is not None:
+            return _core(fault)
         log.exception("unhandled error")
         return problem(500, "Internal Server Error", "an unexpected error occurred", "internal")
 
@@ -112,11 +123,14 @@ def _challenge() -> str:
 DRAIN_LIMIT = 1 << 20
 
 
-def _drain_body() -> None:
+def drain_body() -> None:
     """Read (and drop) an unread body up to 1 MiB, so a keep-alive client can use the
-    connection again after a 413; gunicorn would otherwise close it mid-stream."""
+    connection again after a 413; gunicorn would otherwise close it mid-stream. Only a
+    body whose declared length is at most 1 MiB is drained: a larger or chunked one (whose
+    sender may stall) is left for gunicorn to cut off with the connection."""
     stream = request.environ.get("wsgi.input")
-    if stream is None:
+    length = request.content_length
+    if stream is None or length is None or length > DRAIN_LIMIT:
         return
     left = DRAIN_LIMIT
     try:

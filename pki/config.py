@@ -34,6 +34,7 @@ SECTIONS = (
     "profiles",
 )
 ENV_PREFIX = "HSMCA_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 #: an ``acme.dns_resolver``: an IPv4 address or a bracketed IPv6 one, with an optional port
 _RESOLVER = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 SOFTHSM_CANDIDATES = (
@@ -76,11 +77,21 @@ class ServerSettings:
     public_http_url: str = ""
     workers: int = field(default_factory=default_workers)
     max_body_bytes: int = 65536
+    #: debug | info | warning | error (secrets are never logged, whatever the level)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(
+                f"server.log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
+            )
 
 
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = ""
+    #: how long a SQLite write waits for a lock held outside hsmca before a 503
+    busy_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,9 @@ class CaSettings:
     device_uri_template: str = "urn:dev:serial:{device_id}"
     backdate_seconds: int = 60
     pending_grace_seconds: int = 300
+    #: lint every end-entity certificate (pkilint RFC 5280 and profile checks) on a
+    #: throwaway-key copy before the HSM signs it; an ERROR refuses the issuance
+    lint_before_sign: bool = True
     #: the scheduler replaces the issuing CA once it has used this fraction of its life
     issuing_rotate_at: float = 0.75
 
@@ -318,8 +332,12 @@ def default_document(home: Path) -> dict[str, Any]:
             "public_http_url": f"http://127.0.0.1:{server.http_port}",
             "workers": server.workers,
             "max_body_bytes": server.max_body_bytes,
+            "log_level": server.log_level,
         },
-        "database": {"url": f"sqlite:///{home / 'hsmca.db'}"},
+        "database": {
+            "url": f"sqlite:///{home / 'hsmca.db'}",
+            "busy_timeout_seconds": DatabaseSettings().busy_timeout_seconds,
+        },
         "hsm": {
             "module": default_softhsm_module(),
             "token_label": "hsmca",

@@ -46,6 +46,18 @@ class HsmSessionLost(HsmError):
     kind = "hsm-session-lost"
 
 
+class HsmUnavailable(HsmError):
+    """The token cannot be reached now; the process keeps trying to reconnect."""
+
+    kind = "hsm-unavailable"
+
+
+class DatabaseUnavailable(HsmcaError):
+    """The database cannot be reached, or stayed locked longer than allowed."""
+
+    kind = "database-unavailable"
+
+
 class PolicyError(HsmcaError):
     """A request the policy refuses: bad CSR, name not allowed, TTL too long."""
 

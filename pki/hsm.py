@@ -43,6 +43,7 @@ from pki.errors import (
     HsmModuleNotFound,
     HsmSessionLost,
     HsmTokenNotFound,
+    HsmUnavailable,
     HsmWrongPin,
 )
 
@@ -74,14 +75,23 @@ _LOST = (
 )
 
 
+#: seconds between two attempts to bring a failed module back (per process)
+RECOVERY_INTERVAL = 0.5
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+
+
 @dataclass
 class _ModuleState:
-    """The initialised module of this process: which pid and SoftHSM2 config it is for."""
+    """The initialised module of this process: which pid and SoftHSM2 config it is for.
+    ``broken``: a re-initialisation failed (say, the token's store vanished) and left the
+    module finalised; the next call after ``retry_at`` initialises it again."""
 
     lib: Any
     pid: int
     softhsm2_conf: str | None
     generation: int
+    broken: bool = False
+    retry_at: float = 0.0
 
 
 _modules: dict[str, _ModuleState] = {}
@@ -101,7 +111,18 @@ def _reload_module(path: str) -> _ModuleState:
     """Finalize and initialize the module again (new generation; lock held)."""
     global _generation
     state = _modules[path]
-    state.lib.reinitialize()
+    try:
+        state.lib.reinitialize()
+    except p11e.PKCS11Error:
+        _mark_broken(state)
+        raise
+    return _next_generation(path, state)
+
+
+def _next_generation(path: str, state: _ModuleState) -> _ModuleState:
+    """The module's state after it was initialised again (lock held): the sessions and
+    logins of the previous generation are gone."""
+    global _generation
     _generation += 1
     for stale in [k for k in (*_holders, *_parked) if k[0] == path]:
         _holders.pop(stale, None)
@@ -111,6 +132,31 @@ def _reload_module(path: str) -> _ModuleState:
     )
     _modules[path] = state
     return state
+
+
+def _mark_broken(state: _ModuleState) -> None:
+    state.broken = True
+    state.retry_at = time.monotonic() + RECOVERY_INTERVAL
+
+
+def _recover(path: str, state: _ModuleState) -> _ModuleState:
+    """Initialise a broken module again (lock held): C_Finalize, whatever state it is in,
+    then C_Initialize, called on the module itself because python-pkcs11 only offers
+    both in one call and stops at the first error. Raises HsmUnavailable until it works."""
+    if time.monotonic() < state.retry_at:
+        raise HsmUnavailable(f"the HSM ({path}) is unavailable; retrying")
+    try:
+        module = ctypes.CDLL(path)  # the same loaded library: dlopen returns its handle
+        module.C_Finalize(None)  # CKR_CRYPTOKI_NOT_INITIALIZED is fine here
+        rv = module.C_Initialize(None)
+    except (OSError, AttributeError) as exc:
+        _mark_broken(state)
+        raise HsmUnavailable(f"the HSM ({path}) is unavailable: {exc}") from None
+    if rv not in (0, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+        _mark_broken(state)
+        raise HsmUnavailable(f"the HSM ({path}) is unavailable: C_Initialize returned {rv:#x}")
+    _clear_openssl_errors()
+    return _next_generation(path, state)
 
 
 def _clear_openssl_errors() -> None:
@@ -137,7 +183,7 @@ def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
     state = _modules.get(path)
     pid = os.getpid()
     if state and state.pid == pid and state.softhsm2_conf == softhsm2_conf:
-        return state
+        return _recover(path, state) if state.broken else state
     if softhsm2_conf:
         os.environ["SOFTHSM2_CONF"] = softhsm2_conf
     if not os.path.exists(path):
@@ -208,9 +254,12 @@ class Hsm:
                 f"several tokens labelled {self.token_label!r}; labels must be unique"
             ) from None
         except p11e.PKCS11Error as exc:
-            # e.g. GeneralError when the token's files were deleted under the module
-            raise HsmTokenNotFound(
-                f"token {self.token_label!r} in {self.module} is not available: {exc!r}"
+            # e.g. GeneralError when the token's files were deleted under the module: it
+            # is initialised afresh at the next call (after RECOVERY_INTERVAL)
+            _mark_broken(_modules[self.module])
+            raise HsmUnavailable(
+                f"the HSM is unavailable: token {self.token_label!r} in {self.module} "
+                f"cannot be reached ({type(exc).__name__})"
             ) from None
         self._holder = (self.module, self.token_label, state.generation)
         self._session = self._login(token)
@@ -260,7 +309,10 @@ class Hsm:
                 _pin_digests[self._holder] = digest
                 return session
             except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
-                raise HsmWrongPin(f"wrong PIN for token {self.token_label!r}") from None
+                raise HsmWrongPin(
+                    f"wrong PIN for token {self.token_label!r} "
+                    "(check hsm.pin_file or HSMCA_HSM__PIN)"
+                ) from None
             except p11e.PinLocked:
                 raise HsmWrongPin(f"the PIN of token {self.token_label!r} is locked") from None
             except p11e.UserAlreadyLoggedIn:
@@ -269,7 +321,10 @@ class Hsm:
                 # (SoftHSM2 answers so before checking the PIN: check it here)
                 known = _pin_digests.get(self._holder)
                 if known is not None and not hmac.compare_digest(known, digest):
-                    raise HsmWrongPin(f"wrong PIN for token {self.token_label!r}") from None
+                    raise HsmWrongPin(
+                        f"wrong PIN for token {self.token_label!r} "
+                        "(check hsm.pin_file or HSMCA_HSM__PIN)"
+                    ) from None
                 return token.open(rw=True)
             except (p11e.GeneralError, p11e.DeviceError, p11e.FunctionFailed) as exc:
                 if attempt == self._login_attempts - 1:

@@ -8,70 +8,51 @@ returns records or raises :mod:`pki.errors`.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
+import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-)
 
 from pki.access import AccessMixin, CreatedToken, token_digest
-from pki.actors import SYSTEM, Actor
+from pki.actors import Actor
 from pki.audit import AuditRecord, VerifyResult, verify_chain
 from pki.clock import Clock, SystemClock
 from pki.config import Settings, load_settings, resolve_home
-from pki.devices import DevicesMixin, check_device_id
+from pki.devices import DevicesMixin
 from pki.errors import (
     Conflict,
     Forbidden,
     HsmcaError,
+    HsmError,
     InvalidInput,
-    NameNotAllowed,
     NotFound,
     NotInitialised,
-    PolicyError,
-    Unauthorised,
 )
 from pki.hsm import Hsm
 from pki.hsm_keys import hsm_private_key
+from pki.issuance import IssuanceMixin, IssueRequest
 from pki.ocsp import OcspResult
-from pki.policy import RequestedNames, parse_csr, resolve_ttl
-from pki.profiles import Profile, ProfileRegistry
+from pki.profiles import ProfileRegistry
 from pki.publishing import PublishingMixin
 from pki.records import CertificateRecord, pem_of
 from pki.renewal import RenewalMixin
 from pki.revocation import parse_reason
-from pki.serials import new_serial, parse_serial, serial_hex
+from pki.serials import parse_serial
 from pki.signer import (
     CaUrls,
-    EndEntityRequest,
     SigningIssuer,
-    build_end_entity,
-    end_entity_subject,
     spki_der,
 )
 from pki.store import CertificateQuery, Issuer, Store
-from pki.store.claims import SingleUseClaim
-from pki.store.device_store import DeviceNote
+
+log = logging.getLogger("hsmca.core")
 
 #: how often a process re-reads the issuers (to see a rotation done by another process)
 ISSUER_REFRESH_SECONDS = 30.0
 
 
-@dataclass(frozen=True)
-class IssueRequest:
-    """A request to issue from a CSR (PEM or DER)."""
-
-    csr: str | bytes
-    profile: str
-    ttl: dt.timedelta | None = None
-    device_id: str | None = None
-
-
-class Pki(AccessMixin, RenewalMixin, DevicesMixin, PublishingMixin):
+class Pki(AccessMixin, IssuanceMixin, RenewalMixin, DevicesMixin, PublishingMixin):
     """The core of one process: settings, store, HSM and clock, plus the use-cases."""
 
     def __init__(self, settings: Settings, store: Store, hsm: Hsm, clock: Clock) -> None:
@@ -103,7 +84,7 @@ class Pki(AccessMixin, RenewalMixin, DevicesMixin, PublishingMixin):
         cls, settings: Settings, clock: Clock | None = None, upgrade: bool = True
     ) -> Pki:
         clock = clock or SystemClock()
-        store = Store(settings.database.url, clock)
+        store = Store(settings.database.url, clock, settings.database.busy_timeout_seconds)
         if upgrade:
             store.upgrade()
         hsm = Hsm(
@@ -181,201 +162,6 @@ class Pki(AccessMixin, RenewalMixin, DevicesMixin, PublishingMixin):
             self._chains[issuer_id] = "".join(parts)
         return self._chains[issuer_id]
 
-    # -- issuance --------------------------------------------------------------------------
-
-    def issue(self, request: IssueRequest, actor: Actor) -> CertificateRecord:
-        """Issue from a CSR after policy checks; the row is committed before the HSM signs."""
-        try:
-            profile = self.profiles.get(request.profile)
-            parsed = parse_csr(request.csr, self.settings.policy, not profile.device)
-        except PolicyError as exc:
-            self._refused(actor, "certificate.issue", None, str(exc))
-            raise
-        device_id = request.device_id or (
-            parsed.subject_serial or parsed.common_name if profile.device else None
-        )
-        return self.issue_for_key(
-            parsed.public_key,
-            parsed.names,
-            parsed.common_name,
-            request.profile,
-            request.ttl,
-            actor,
-            device_id,
-        )
-
-    def issue_for_key(
-        self,
-        public_key: object,
-        names: RequestedNames,
-        common_name: str | None,
-        profile_name: str,
-        ttl: dt.timedelta | None,
-        actor: Actor,
-        device_id: str | None = None,
-        action: str = "certificate.issue",
-        details: dict[str, object] | None = None,
-        via: str = "api",
-    ) -> CertificateRecord:
-        """Issue for a checked public key and names (the CSR-less path used by ``init``).
-        ``via`` says how a device asked (``credential``, ``idevid``, ``api``, ``renewal``)."""
-        try:
-            profile = self.profiles.get(profile_name)
-            names = self._names_for(profile, names, device_id)
-            self._authorise_issue(actor, profile, names)
-            lifetime = resolve_ttl(profile, ttl, actor.max_ttl)
-            subject = end_entity_subject(names, common_name, device_id if profile.device else None)
-            if profile.device and self.store.devices.status(device_id or "") == "revoked":
-                raise Forbidden(f"device {device_id} is revoked and cannot enrol again")
-        except (PolicyError, Forbidden) as exc:
-            self._refused(actor, action, device_id, str(exc))
-            raise
-        issuer = self.signer(self.issuing_issuer(profile.issuer or None).id)
-        now = self.clock.now()
-        not_before = now - dt.timedelta(seconds=self.settings.ca.backdate_seconds)
-        not_before = max(not_before, issuer.certificate.not_valid_before_utc)
-        not_after = min(now + lifetime, issuer.certificate.not_valid_after_utc)
-        if not_after <= now:
-            raise PolicyError("the issuing CA expires before this certificate would start")
-        spki = spki_der(public_key)
-        subject_text = subject.rfc4514_string()
-        claim = _claim_of(actor)
-        serial = self._reserve_serial(
-            claim,
-            {
-                "issuer_id": issuer.id,
-                "subject": subject_text,
-                "common_name": _cn(subject),
-                "sans": names.tagged(),
-                "profile": profile.name,
-                "requester": actor.name,
-                "public_key_sha256": hashlib.sha256(spki).hexdigest(),
-                "spki": spki,
-                "not_before": not_before.replace(microsecond=0),
-                "not_after": not_after.replace(microsecond=0),
-                "device_id": device_id if profile.device else None,
-            },
-            actor,
-            action,
-        )
-        request = EndEntityRequest(
-            serial=int(serial, 16),
-            subject=subject,
-            names=names,
-            public_key=public_key,
-            not_before=not_before.replace(microsecond=0),
-            not_after=not_after.replace(microsecond=0),
-            profile=profile,
-        )
-        record = AuditRecord(
-            action=action,
-            actor=actor.name,
-            subject=serial,
-            details={
-                "profile": profile.name,
-                "names": names.all(),
-                "issuer": issuer.id,
-                "not_after": request.not_after.isoformat(),
-                **(details or {}),
-            },
-        )
-        note = DeviceNote(device_id, via) if profile.device and device_id else None
-        try:
-            der = build_end_entity(issuer, request, self.urls).public_bytes(Encoding.DER)
-            device_status = self.store.complete_issuance(serial, der, record, note)
-        except Exception as exc:
-            if claim is not None:  # nothing was handed out: the secret may be used again
-                self.store.claims.release(claim)
-            if (
-                isinstance(exc, Conflict)
-                and note is not None
-                and self.store.devices.status(note.device_id) == "revoked"
-            ):  # the device's revocation reached the pending row first
-                raise Forbidden(f"device {device_id} is revoked and cannot enrol again") from None
-            raise
-        if device_status == "revoked":
-            # revoked while this certificate was being signed (the revocation could not
-            # see the row in time): it is revoked before anyone receives it
-            self.revoke(serial, "cessationOfOperation", SYSTEM)
-            raise Forbidden(f"device {device_id} is revoked and cannot enrol again")
-        return CertificateRecord(
-            serial=serial,
-            issuer_id=issuer.id,
-            subject=subject_text,
-            sans=names.tagged(),
-            profile=profile.name,
-            requester=actor.name,
-            status="good",
-            not_before=request.not_before,
-            not_after=request.not_after,
-            revoked_at=None,
-            revocation_reason=None,
-            certificate_pem=pem_of(der),
-            chain_pem=self.chain_pem(issuer.id),
-        )
-
-    def _names_for(
-        self, profile: Profile, names: RequestedNames, device_id: str | None
-    ) -> RequestedNames:
-        if not profile.device:
-            if not names.all():
-                raise PolicyError("the request names no DNS name, IP address or URI")
-            return names
-        if not device_id:
-            raise PolicyError(
-                "the device profile needs a device id (CSR subject serialNumber or CN)"
-            )
-        check_device_id(device_id, PolicyError)
-        uri = self.settings.ca.device_uri_template.format(device_id=device_id)
-        dns = tuple(n for n in names.dns if n != device_id.lower())
-        uris = tuple(dict.fromkeys((uri, *names.uris)))
-        return RequestedNames(dns, names.ips, uris)
-
-    def _authorise_issue(self, actor: Actor, profile: Profile, names: RequestedNames) -> None:
-        actor.require_role("admin", "issuer")
-        if not actor.may_use_profile(profile.name):
-            raise Forbidden(f"{actor.name} may not issue profile {profile.name!r}")
-        try:
-            actor.name_policy.check(names)
-        except NameNotAllowed as exc:
-            raise Forbidden(str(exc)) from None
-
-    def _reserve_serial(
-        self, claim: SingleUseClaim | None, values: dict[str, object], actor: Actor, action: str
-    ) -> str:
-        """Commit the pending row under a fresh serial, spending ``claim`` with it."""
-        for _ in range(5):
-            number = new_serial()
-            serial = serial_hex(number)
-            try:
-                self.store.insert_pending(
-                    dict(values, serial=serial, crl_shard=self.urls.shard_of(number)), claim
-                )
-                return serial
-            except Conflict:
-                continue
-            except Unauthorised as exc:
-                self._refused(actor, action, None, str(exc))
-                raise
-        raise HsmcaError("could not allocate a unique serial number")
-
-    def audit_refusal(
-        self, action: str, subject: str | None, why: str, actor: str = "anonymous"
-    ) -> None:
-        """Record a refused request (failed authentication, forbidden operation)."""
-        self._refused(Actor(name=actor, role="none"), action, subject, why)
-
-    def _refused(self, actor: Actor, action: str, subject: str | None, why: str) -> None:
-        self.store.audit(
-            AuditRecord(
-                action=action,
-                actor=actor.name,
-                subject=subject,
-                outcome="refused",
-                details={"reason": why[:500]},
-            )
-        )
-
     # -- reading ---------------------------------------------------------------------------
 
     def show(self, serial: str) -> CertificateRecord:
@@ -432,7 +218,12 @@ class Pki(AccessMixin, RenewalMixin, DevicesMixin, PublishingMixin):
         )
         issuer = self.issuers().get(row.issuer_id)
         if issuer is not None and issuer.ocsp_serial:
-            self.presign_ocsp(row.issuer_id, [canonical])
+            try:
+                self.presign_ocsp(row.issuer_id, [canonical])
+            except HsmError as exc:
+                # revoked all the same (its old "good" response is gone, so OCSP answers
+                # tryLater, never good); the publisher signs its response when it can
+                log.warning("revoked %s; its OCSP response waits for the HSM: %s", canonical, exc)
         return self.show(canonical)
 
     def reconcile_pending(self, grace: dt.timedelta | None = None) -> list[str]:
@@ -492,20 +283,6 @@ class Pki(AccessMixin, RenewalMixin, DevicesMixin, PublishingMixin):
 
 def _issuer_state(issuers: dict[str, Issuer]) -> set[tuple[str, bool, str | None]]:
     return {(i.id, i.active, i.ocsp_serial) for i in issuers.values()}
-
-
-def _claim_of(actor: Actor) -> SingleUseClaim | None:
-    """The single-use secret ``actor`` authenticated with, spent by its first issuance."""
-    if actor.single_use_token_id is not None:
-        return SingleUseClaim("token", actor.single_use_token_id)
-    if actor.enrollment_credential_id is not None:
-        return SingleUseClaim("credential", actor.enrollment_credential_id)
-    return None
-
-
-def _cn(subject: x509.Name) -> str | None:
-    attrs = subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else None
 
 
 __all__ = ["CreatedToken", "IssueRequest", "OcspResult", "Pki", "spki_der", "token_digest"]

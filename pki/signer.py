@@ -285,10 +285,10 @@ def build_ocsp_responder(
     return _sign(builder, issuer.key)
 
 
-def build_end_entity(
+def end_entity_builder(
     issuer: SigningIssuer, request: EndEntityRequest, urls: CaUrls
-) -> x509.Certificate:
-    """An end-entity certificate for ``request`` under ``issuer``, signed in the HSM."""
+) -> x509.CertificateBuilder:
+    """The to-be-signed end-entity certificate for ``request`` under ``issuer``."""
     sans = general_names(request.names)
     if not sans:
         raise PolicyError("a certificate needs at least one subject alternative name")
@@ -310,8 +310,19 @@ def build_end_entity(
         .add_extension(_ski(request.public_key), critical=False)
         .add_extension(_aki(issuer.certificate), critical=False)
     )
-    builder = _revocation_pointers(builder, urls, issuer.id, shard=urls.shard_of(request.serial))
+    return _revocation_pointers(builder, urls, issuer.id, shard=urls.shard_of(request.serial))
+
+
+def sign_end_entity(issuer: SigningIssuer, builder: x509.CertificateBuilder) -> x509.Certificate:
+    """Sign a to-be-signed certificate with the issuer's HSM key."""
     return _sign(builder, issuer.key)
+
+
+def build_end_entity(
+    issuer: SigningIssuer, request: EndEntityRequest, urls: CaUrls
+) -> x509.Certificate:
+    """An end-entity certificate for ``request`` under ``issuer``, signed in the HSM."""
+    return sign_end_entity(issuer, end_entity_builder(issuer, request, urls))
 
 
 def end_entity_subject(

@@ -22,13 +22,11 @@ from pki.actors import operator
 from pki.audit import StoredEvent
 from pki.service import Pki
 from tests.conftest import build_csr
+from tests.secret_scan import SECRETS, remember  # noqa: F401  (SECRETS: the leak tests)
 
 PROBLEM = "application/problem+json"
 TIMEOUT = 15
 
-#: every bearer secret handed out by these helpers in this process (the leak test greps
-#: the service log for each of them)
-SECRETS: list[str] = []
 
 T = TypeVar("T")
 
@@ -73,7 +71,7 @@ def new_token(
             single_use=single_use,
             max_ttl=max_ttl,
         )
-    SECRETS.append(created.secret)
+    remember(created.secret)
     return created.secret, name
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +28,10 @@ from pki.service import Pki
 
 if shutil.which("softhsm2-util") is None:  # pragma: no cover - CI installs it
     pytest.exit("softhsm2-util not found: run `make test` (it installs SoftHSM2)", 2)
+
+# The whole suite runs its servers and in-process apps with DEBUG logging, and every
+# ``hsmca serve`` log is searched for secrets when the service stops (issue #8).
+os.environ.setdefault("HSMCA_SERVER__LOG_LEVEL", "debug")
 
 
 @pytest.fixture(scope="session")
@@ -169,8 +174,10 @@ class RunningService:
         core = Pki.open(home)
         try:
             from pki.actors import operator
+            from tests.secret_scan import remember
 
             self.admin_token = core.create_token("admin", None, operator("tests")).secret
+            remember(self.admin_token)
         finally:
             core.close()
         self.wait_ready()
@@ -219,7 +226,16 @@ class RunningService:
             self.process.kill()
             code = self.process.wait()
         self._log_file.close()
+        self.assert_no_secret_in_log()
         return code
+
+    def assert_no_secret_in_log(self) -> None:
+        """No PIN, token, credential, EAB key or private key in this service's log."""
+        from tests.secret_scan import home_secrets, leaks
+
+        text = self.log.read_text(errors="replace")
+        found = leaks(text, [self.admin_token, *home_secrets(self.home)])
+        assert found == [], f"secrets in {self.log}: {found}"
 
 
 @pytest.fixture(scope="session")

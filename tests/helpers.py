@@ -24,7 +24,9 @@ TIMEOUT = 120.0
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without hsmca or SoftHSM2 settings, plus ``extra``."""
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith("HSMCA_") and k != "SOFTHSM2_CONF"
+        k: v
+        for k, v in os.environ.items()
+        if (not k.startswith("HSMCA_") or k == "HSMCA_SERVER__LOG_LEVEL") and k != "SOFTHSM2_CONF"
     }
     env.update(extra)
     return env

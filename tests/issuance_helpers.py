@@ -8,7 +8,6 @@ import datetime as dt
 import importlib
 import io
 import json
-import re
 import subprocess
 import sys
 import warnings
@@ -36,11 +35,6 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "mtls": {"cn": "both.svc.test", "sans": ("both.svc.test", "10.0.0.7")},
     "device": {"cn": None, "sans": (), "serial_number": "dev-0001"},
 }
-
-#: RFC 3986 URI: scheme ":" then only unreserved, sub-delims, ":", "@", "/", "?", "%XX"
-RFC3986_URI = re.compile(
-    r"[A-Za-z][A-Za-z0-9+.-]*:([A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})+"
-)
 
 
 @dataclass(frozen=True)

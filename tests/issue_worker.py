@@ -76,7 +76,7 @@ def _issue(args: argparse.Namespace) -> None:
 
 
 def _crash(args: argparse.Namespace) -> NoReturn:
-    import pki.service
+    import pki.issuance
     from pki.actors import operator
     from pki.service import IssueRequest, Pki
 
@@ -86,7 +86,7 @@ def _crash(args: argparse.Namespace) -> NoReturn:
         os._exit(CRASH_EXIT)
 
     if args.point == "sign":
-        pki.service.build_end_entity = die  # type: ignore[assignment]
+        pki.issuance.sign_end_entity = die  # type: ignore[assignment]
     else:
         core.store.complete_issuance = die  # type: ignore[method-assign]
     csr = make_csr("crash.svc.test")

@@ -17,6 +17,7 @@ if running as root; otherwise :class:`PostgresUnavailable` is raised.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import glob
 import os
@@ -255,6 +256,56 @@ def _stop(bindir: Path, workdir: Path, data: Path) -> None:
         os.kill(pid, 9)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Server:
+    bindir: Path
+    workdir: Path
+    data: Path
+    log: Path
+    options: str
+
+
+#: the servers :func:`running_postgres` started in this process, by port
+_servers: dict[int, _Server] = {}
+
+
+def _server_of(url: str) -> tuple[int, _Server]:
+    from sqlalchemy.engine import make_url
+
+    port = make_url(url).port or 0
+    if port not in _servers:
+        raise KeyError(f"no server of this process listens on port {port}")
+    return port, _servers[port]
+
+
+def stop_postgres(url: str) -> None:
+    """Stop the private server behind ``url`` in "fast" mode: every connection is cut,
+    open transactions roll back, and what was committed stays (the immediate mode of
+    :func:`_stop` would lose the last commits: these servers run synchronous_commit=off)."""
+    _port, server = _server_of(url)
+    proc = _run(
+        _as_server_user([str(server.bindir / "pg_ctl"), "-D", str(server.data), "-m", "fast",
+                         "-w", "-t", "60", "stop"]),
+        cwd=server.workdir, timeout=90,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise PostgresUnavailable(f"pg_ctl stop failed: {_describe(proc)}")
+
+
+def start_postgres(url: str) -> None:
+    """Start the stopped private server behind ``url`` again, on the same port."""
+    port, server = _server_of(url)
+    proc = _run(
+        _as_server_user([str(server.bindir / "pg_ctl"), "-D", str(server.data), "-l",
+                         str(server.log), "-w", "-t", str(int(START_TIMEOUT)), "-o",
+                         server.options, "start"]),
+        cwd=server.workdir, timeout=START_TIMEOUT + 30,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise PostgresUnavailable(f"pg_ctl start failed: {_describe(proc)}")
+    _wait_ready(port, time.monotonic() + START_TIMEOUT)
+
+
 @contextlib.contextmanager
 def running_postgres(tmp_dir: Path) -> Iterator[str]:
     """Start a private PostgreSQL server and yield a SQLAlchemy URL to database `hsmca_test`.
@@ -268,7 +319,7 @@ def running_postgres(tmp_dir: Path) -> Iterator[str]:
     bindir = _require_bindir()
     workdir = _make_workdir(tmp_dir)
     data, sockdir, log = workdir / "data", workdir / "sock", workdir / "postgresql.log"
-    started = False
+    started, port = False, 0
     try:
         proc = _run(
             _as_server_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust",
@@ -313,8 +364,11 @@ def running_postgres(tmp_dir: Path) -> Iterator[str]:
         if proc.returncode != 0:
             raise PostgresUnavailable(f"createdb failed: {_describe(proc)}")
 
-        yield f"postgresql+psycopg://{DB_USER}@{HOST}:{port}/{DB_NAME}"
+        url = f"postgresql+psycopg://{DB_USER}@{HOST}:{port}/{DB_NAME}"
+        _servers[port] = _Server(bindir, workdir, data, log, options)
+        yield url
     finally:
+        _servers.pop(port, None)
         if started:
             _stop(bindir, workdir, data)
         with contextlib.suppress(OSError):

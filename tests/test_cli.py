@@ -376,7 +376,9 @@ def test_wrong_hsm_pin_is_a_clear_error(fresh_home: Path, tmp_path: Path) -> Non
         "--profile", "mtls-server", env=clean_env(HSMCA_HSM__PIN=wrong),
     )  # fmt: skip
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert proc.stderr.strip() == "Error: wrong PIN for token 'hsmca'"
+    assert proc.stderr.strip() == (
+        "Error: wrong PIN for token 'hsmca' (check hsm.pin_file or HSMCA_HSM__PIN)"
+    )
     assert wrong not in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert db_state(fresh_home)["certificates"] == before["certificates"]

@@ -31,12 +31,12 @@ from pki.actors import Actor, operator
 from pki.bootstrap import initialise
 from pki.config import write_default_config
 from pki.errors import BadCsr, PolicyError, UnknownProfile
+from pki.lint import RFC3986_URI
 from pki.service import IssueRequest, Pki
 from tests.conftest import build_csr
 from tests.issuance_helpers import (
     PROFILES,
     REQUESTS,
-    RFC3986_URI,
     Issued,
     ca_certificate,
     issue,

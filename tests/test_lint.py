@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pki.actors import operator
+from pki.lint import RFC3986_URI
 from pki.service import Pki
 from tests.issuance_helpers import (
     PROFILES,
     REQUESTS,
-    RFC3986_URI,
     Finding,
     errors_of,
     issue,

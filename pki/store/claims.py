@@ -85,4 +85,8 @@ class Claims:
         """Make a spent secret usable again: the issuance it was spent on failed before
         any certificate was handed out (its pending row is reconciled as usual)."""
         with self._store._tx() as s:
-            s.execute(_RELEASE[claim.kind], {"p_id": claim.id})
+            self.release_in(s, claim)
+
+    def release_in(self, session: Any, claim: SingleUseClaim) -> None:
+        """:meth:`release` inside the caller's ORM write transaction."""
+        session.execute(_RELEASE[claim.kind], {"p_id": claim.id})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, create_engine, func, select, text, update
+from sqlalchemy import bindparam, create_engine, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +35,7 @@ from pki.store.acme_store import AcmeStore
 from pki.store.claims import Claims, SingleUseClaim
 from pki.store.device_store import DeviceNote, DeviceStore
 from pki.store.driver import (
+    DEFAULT_BUSY_TIMEOUT,
     Checkpointer,
     CompiledStatement,
     WalChanges,
@@ -177,7 +178,11 @@ class _FastStatements:
 class Store:
     """Typed access to the database. One instance per process; thread-safe."""
 
-    def __init__(self, url: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self, url: str, clock: Clock | None = None, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    ) -> None:
+        """``busy_timeout``: seconds a SQLite write waits for a lock held outside hsmca
+        before it fails (a 503); PostgreSQL ignores it."""
         self.url = url
         self.clock = clock or SystemClock()
         self.is_sqlite = url.startswith("sqlite")
@@ -187,11 +192,15 @@ class Store:
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # it holds EAB keys and token digests: private from the start (SQLite
+                # gives its -wal and -shm files the database file's mode)
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 self._writers = WriterLock(Path(path + ".writelock"))
                 self._checkpoints = Checkpointer(path)
-            self.engine = sqlite_engine(url, immediate=True)
-            self.read_engine = sqlite_engine(url, immediate=False)
-            self._thread_engine = sqlite_engine(url, immediate=False, pooled=False)
+            self.engine = sqlite_engine(url, True, busy_timeout=busy_timeout)
+            self.read_engine = sqlite_engine(url, False, busy_timeout=busy_timeout)
+            self._thread_engine = sqlite_engine(url, False, False, busy_timeout)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
             self.read_engine = self.engine
@@ -464,6 +473,21 @@ class Store:
             status = None if device is None else self.devices.note(cursor, device, serial)
             self._append_audit_raw(cursor, record)
             return status
+
+    def abort_pending(
+        self, serial: str, record: AuditRecord, claim: SingleUseClaim | None = None
+    ) -> None:
+        """Drop the pending row of an issuance the HSM refused (no certificate exists),
+        make its single-use secret usable again and audit, in one transaction."""
+        with self._tx() as s:
+            s.execute(
+                delete(Certificate).where(
+                    Certificate.serial == serial, Certificate.status == "pending"
+                )
+            )
+            if claim is not None:
+                self.claims.release_in(s, claim)
+            self._append_audit(s, record)
 
     def certificate(self, serial: str) -> Certificate:
         with self._ro() as s:

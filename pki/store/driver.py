@@ -163,14 +163,20 @@ class WriterLock:
             self._thread_lock.release()
 
 
-def sqlite_engine(url: str, immediate: bool, pooled: bool = True) -> Engine:
+#: seconds a SQLite write waits for a lock held outside hsmca (``database.busy_timeout_seconds``)
+DEFAULT_BUSY_TIMEOUT = 5.0
+
+
+def sqlite_engine(
+    url: str, immediate: bool, pooled: bool = True, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+) -> Engine:
     """An engine for the SQLite file at ``url`` (WAL, our PRAGMAs on every connection);
     ``pooled=False`` opens a fresh connection per check-out and closes it on return."""
     # Every transaction ends in an explicit COMMIT or ROLLBACK, so the pool need not
     # roll back again on each check-in.
     engine = create_engine(
         url,
-        connect_args={"check_same_thread": False, "timeout": 30},
+        connect_args={"check_same_thread": False, "timeout": busy_timeout},
         pool_reset_on_return=None,
         **({} if pooled else {"poolclass": NullPool}),
     )
@@ -187,7 +193,7 @@ def sqlite_engine(url: str, immediate: bool, pooled: bool = True) -> Engine:
         # the WAL file is cut back to 64 MB when a checkpoint lets it restart
         cur.execute("PRAGMA journal_size_limit=67108864")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
