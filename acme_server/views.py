@@ -10,7 +10,6 @@ reach.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -104,8 +103,11 @@ def _post_as_get(auth: Authenticated) -> None:
 @acme.after_request
 def _protocol_headers(resp: Response) -> Response:
     urls = _urls()
-    with contextlib.suppress(HsmcaError):  # the store is down: the response says so
+    try:
         resp.headers["Replay-Nonce"] = acme_core().nonces.mint()
+    except Exception as exc:  # the store is down (no nonce key yet): the response says so
+        if not isinstance(exc, HsmcaError) and unavailable(exc) is None:
+            raise
     resp.headers.add("Link", f'<{urls.directory}>;rel="index"')
     resp.headers["Cache-Control"] = "no-store"
     return resp

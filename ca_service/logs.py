@@ -35,6 +35,7 @@ def register_secret(value: str) -> None:
     (shorter than 8 characters it would mask ordinary words and numbers)."""
     if len(value) >= 8:
         _known_secrets.add(value)
+        _known_secrets.add(json.dumps(value)[1:-1])  # as it appears inside a JSON log line
 
 
 def register_settings_secrets(settings: Settings) -> None:

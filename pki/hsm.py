@@ -109,7 +109,6 @@ _pin_digests: dict[_HolderKey, bytes] = {}
 
 def _reload_module(path: str) -> _ModuleState:
     """Finalize and initialize the module again (new generation; lock held)."""
-    global _generation
     state = _modules[path]
     try:
         state.lib.reinitialize()
@@ -124,9 +123,10 @@ def _next_generation(path: str, state: _ModuleState) -> _ModuleState:
     logins of the previous generation are gone."""
     global _generation
     _generation += 1
-    for stale in [k for k in (*_holders, *_parked) if k[0] == path]:
+    for stale in [k for k in (*_holders, *_parked, *_pin_digests) if k[0] == path]:
         _holders.pop(stale, None)
         _parked.pop(stale, None)
+        _pin_digests.pop(stale, None)
     state = _ModuleState(
         lib=state.lib, pid=state.pid, softhsm2_conf=state.softhsm2_conf, generation=_generation
     )
@@ -179,7 +179,6 @@ _err_clear: Any = None
 
 def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
     """Load (or re-initialise after fork / config change) the module; lock held."""
-    global _generation
     state = _modules.get(path)
     pid = os.getpid()
     if state and state.pid == pid and state.softhsm2_conf == softhsm2_conf:
@@ -190,21 +189,20 @@ def _load_module(path: str, softhsm2_conf: str | None) -> _ModuleState:
         raise HsmModuleNotFound(f"PKCS#11 module not found: {path} (set hsm.module)")
     try:
         lib = pkcs11.lib(path)
-        if state is not None:
-            # forked child or another SoftHSM2 config: start the library afresh
-            lib.reinitialize()
     except p11e.PKCS11Error as exc:
         raise HsmModuleNotFound(f"cannot load PKCS#11 module {path}: {exc}") from None
+    fresh = _ModuleState(lib=lib, pid=pid, softhsm2_conf=softhsm2_conf, generation=_generation)
+    if state is not None:
+        # forked child or another SoftHSM2 config: start the library afresh (a child of a
+        # parent whose module was broken finds it finalised: it recovers like the parent)
+        try:
+            lib.reinitialize()
+        except p11e.PKCS11Error:
+            fresh.broken = True
+            _modules[path] = fresh
+            return _recover(path, fresh)
     _clear_openssl_errors()
-    _generation += 1
-    for stale in [k for k in (*_holders, *_parked, *_pin_digests) if k[0] == path]:
-        # C_Finalize ended every session and login of the previous generation
-        _holders.pop(stale, None)
-        _parked.pop(stale, None)
-        _pin_digests.pop(stale, None)
-    state = _ModuleState(lib=lib, pid=pid, softhsm2_conf=softhsm2_conf, generation=_generation)
-    _modules[path] = state
-    return state
+    return _next_generation(path, fresh)
 
 
 class Hsm:
@@ -254,9 +252,7 @@ class Hsm:
                 f"several tokens labelled {self.token_label!r}; labels must be unique"
             ) from None
         except p11e.PKCS11Error as exc:
-            # e.g. GeneralError when the token's files were deleted under the module: it
-            # is initialised afresh at the next call (after RECOVERY_INTERVAL)
-            _mark_broken(_modules[self.module])
+            # e.g. GeneralError when the token's files were deleted under the module
             raise HsmUnavailable(
                 f"the HSM is unavailable: token {self.token_label!r} in {self.module} "
                 f"cannot be reached ({type(exc).__name__})"
@@ -284,6 +280,8 @@ class Hsm:
                 return state.lib.get_token(token_label=self.token_label), state
             except (p11e.NoSuchToken, p11e.GeneralError):
                 if attempt == attempts - 1:
+                    if fresh:  # no session of ours lives: start the module again, later
+                        _mark_broken(state)
                     raise
                 time.sleep(0.02 * (attempt + 1) * (1 + random.random()))
                 state = _reload_module(self.module)
@@ -498,7 +496,12 @@ class Hsm:
             key = self._private_locked(session, label)
             return key.sign(data, mechanism=mechanism, mechanism_param=mechanism_param)
 
-        signature = self._call(do)
+        try:
+            signature = self._call(do)
+        except p11e.PKCS11Error as exc:  # GeneralError, DeviceMemory...: a clear HSM error
+            raise HsmError(
+                f"the HSM failed to sign ({type(exc).__name__}) on token {self.token_label!r}"
+            ) from None
         elapsed = time.perf_counter() - started
         for observe in self.sign_observers:
             observe(elapsed)

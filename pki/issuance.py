@@ -162,7 +162,11 @@ class IssuanceMixin:
         if int(serial, 16) != request.serial:  # the first serial was taken: lint again
             request = replace(request, serial=int(serial, 16))
             tbs = end_entity_builder(issuer, request, self.urls)
-            self._lint(tbs, issuer, request, device_id, actor, action)
+            try:
+                self._lint(tbs, issuer, request, device_id, actor, action)
+            except LintFailed:
+                self.store.abort_pending(serial, None, claim)  # the refusal is audited
+                raise
         record = AuditRecord(
             action=action,
             actor=actor.name,

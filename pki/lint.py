@@ -138,7 +138,6 @@ _SINGLE_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 RFC3986_URI = re.compile(
     r"[A-Za-z][A-Za-z0-9+.-]*:(?!//)([A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})+"
 )
-_QUOTED = re.compile(r'"([^"]*)"')
 
 
 def _dns_name_allowed(name: str) -> bool:
@@ -161,14 +160,13 @@ _STRICTER_THAN_RFC5280: dict[str, Callable[[str], bool]] = {
 }
 
 
-def _tolerated(code: str, message: str | None) -> bool:
+def _tolerated(code: str, value: str) -> bool:
     """pkilint findings stricter than RFC 5280 that an internal CA issues on purpose:
     single-label and wildcard dNSNames (see :func:`_dns_name_allowed`), and URIs without
     an authority (a URN, the device profile's SAN), for which RFC 5280 4.2.1.6 requires
-    no host while pkilint wants one in every URI."""
+    no host while pkilint wants one in every URI. ``value`` is the flagged name itself."""
     allowed = _STRICTER_THAN_RFC5280.get(code)
-    quoted = _QUOTED.search(message or "")
-    return allowed is not None and quoted is not None and allowed(quoted[1])
+    return allowed is not None and allowed(value)
 
 
 def pkilint_findings(der: bytes) -> list[LintFinding]:
@@ -183,7 +181,8 @@ def pkilint_findings(der: bytes) -> list[LintFinding]:
     for result in _validator().validate(document.root):
         for description in result.finding_descriptions:
             code, message = description.finding.code, description.message
-            severity = "NOTICE" if _tolerated(code, message) else description.finding.severity.name
+            tolerated = code in _STRICTER_THAN_RFC5280 and _tolerated(code, str(result.node.pdu))
+            severity = "NOTICE" if tolerated else description.finding.severity.name
             found.append(LintFinding(severity, code, result.node.path, message))
     return found
 

@@ -3,17 +3,19 @@
 ``init`` writes them 0600 (directories 0700); ``serve`` refuses to start when any of them
 can be read or written by other users, or written by the group, as OpenSSH refuses a
 private key that others can read. The SQLite database holds EAB HMAC keys and token
-digests, so it counts as a secret.
+digests, so it counts as a secret, and so does ``hsmca.toml`` when it holds ``hsm.pin`` or
+a database password.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
-from pki.config import Settings
+from pki.config import CONFIG_NAME, Settings
 from pki.errors import ConfigError
 
 #: permission bits a secret must not have: anything for others, group write
@@ -33,11 +35,36 @@ def secret_paths(settings: Settings) -> Iterator[Path]:
         candidates += [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
     if settings.hsm.softhsm2_conf:
         candidates.append(settings.home / "tokens")
+    if _config_holds_secrets(settings.home / CONFIG_NAME):
+        candidates.append(settings.home / CONFIG_NAME)
     seen: set[Path] = set()
     for path in candidates:
         if path not in seen and path.exists():
             seen.add(path)
             yield path
+
+
+def _config_holds_secrets(path: Path) -> bool:
+    """True when the configuration file itself holds a secret: ``hsm.pin``, or a
+    password in ``database.url``."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    hsm, database = doc.get("hsm", {}), doc.get("database", {})
+    url = str(database.get("url", "")) if isinstance(database, dict) else ""
+    return bool(isinstance(hsm, dict) and hsm.get("pin")) or bool(_url_password(url))
+
+
+def _url_password(url: str) -> str | None:
+    """The password of a database URL, if it has one."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password if url else None
+    except ArgumentError:
+        return None
 
 
 def exposed_secrets(settings: Settings) -> list[tuple[Path, int]]:

@@ -228,3 +228,36 @@ def test_postgres_stopped_mid_run_gives_503_and_recovers(
         recovery_s=round(recovered, 2),
         lost=len(lost),
     )
+
+
+# -- which errors are outages --------------------------------------------------------------
+
+
+def test_only_outages_become_503_and_bugs_stay_500(tmp_path: Path) -> None:
+    """A lock or a vanished server is an outage (503, retried); a syntax error or a
+    missing column (a forgotten migration) is a bug: a 500 with its traceback logged."""
+    import psycopg
+    from sqlalchemy import create_engine, exc, text
+
+    from pki.store.faults import unavailable
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'f.db'}")
+    bugs = [
+        "selec 1",
+        "CREATE TABLE t (a INT); INSERT INTO t (b) VALUES (1)",
+        "SELECT 1 UNION SELECT 1, 2",
+    ]
+    try:
+        for sql in bugs:
+            with pytest.raises(exc.OperationalError) as raised, engine.begin() as conn:
+                for statement in sql.split("; "):
+                    conn.execute(text(statement))
+            assert unavailable(raised.value) is None, sql
+    finally:
+        engine.dispose()
+    locked = exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+    assert "locked" in str(unavailable(locked))
+    with pytest.raises(psycopg.OperationalError) as refused:
+        psycopg.connect(host="127.0.0.1", port=1, connect_timeout=2)
+    assert unavailable(refused.value) is not None
+    assert unavailable(ValueError("not a database error")) is None

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from pki.bootstrap import initialise
-from tests.acme_helpers import free_port
+from tests.acme_helpers import (
+    AcmeClient,
+    Http01Responder,
+    b64u,
+    configure_acme,
+    csr_der,
+    free_port,
+)
+from tests.acme_helpers import poll as acme_poll
 from tests.api_helpers import assert_problem, poll
 from tests.conftest import RunningService, build_csr
 from tests.figures import record
@@ -33,9 +42,31 @@ pytestmark = pytest.mark.slow
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     home = tmp_path_factory.mktemp("hsm-faults")
     initialise(home, "HSM Fault Org")
+    configure_acme(home, http01_port=free_port(), tlsalpn01_port=free_port())
     svc = RunningService(home, workers=1)
     yield svc
     assert svc.stop() == 0, svc.log.read_text()[-2000:]
+
+
+def _ready_order(svc: RunningService, name: str) -> tuple[AcmeClient, str]:
+    """An ACME account and an order for ``name`` made ready through real http-01 (an IP
+    identifier, RFC 8738: the validation connects to 127.0.0.1 without DNS)."""
+    client = AcmeClient(svc)
+    assert client.register().status_code == 201
+    order = client.new_order(name)
+    assert order.status_code == 201, order.text
+    url = order.headers["Location"]
+    authz = client.post(order.json()["authorizations"][0]).json()
+    chall = next(c for c in authz["challenges"] if c["type"] == "http-01")
+    port = tomllib.loads((svc.home / "hsmca.toml").read_text())["acme"]["http01_port"]
+    responder = Http01Responder(port)
+    try:
+        responder.tokens[chall["token"]] = client.key_authorization(chall["token"])
+        assert client.post(chall["url"], {}).status_code == 200
+        acme_poll(lambda: client.post(url).json(), lambda o: o["status"] == "ready", 20)
+    finally:
+        responder.stop()
+    return client, url
 
 
 def _issue(s: requests.Session, base: str, name: str) -> requests.Response:
@@ -69,6 +100,8 @@ def test_token_outage_gives_503_leaves_nothing_behind_and_recovers(
     assert good.status_code == 201, good.text
     cert = x509.load_pem_x509_certificate(good.json()["certificate"].encode())
     poll(lambda: _presigned(home, good.json()["serial"]) or None, 20, "a pre-signed response")
+    acme, order_url = _ready_order(svc, "127.0.0.1")
+    finalize = acme.post(order_url).json()["finalize"]
     rows_before = sqlite_query(home, "SELECT count(*) FROM certificates")[0][0]
 
     tokens, away = home / "tokens", home / "tokens.away"
@@ -82,6 +115,12 @@ def test_token_outage_gives_503_leaves_nothing_behind_and_recovers(
             assert "HSM" in body["detail"] and "Traceback" not in resp.text
             assert int(resp.headers["Retry-After"]) > 0
             refused += 1
+        # ACME: a 503 to retry, and the order stays ready for that retry
+        refused_finalize = acme.post(finalize, {"csr": b64u(csr_der(["127.0.0.1"]))})
+        assert refused_finalize.status_code == 503, refused_finalize.text
+        assert refused_finalize.json()["type"] == "urn:ietf:params:acme:error:serverInternal"
+        assert int(refused_finalize.headers["Retry-After"]) > 0
+        assert acme.post(order_url).json()["status"] == "ready"
         health = s.get(f"{svc.base}/healthz", timeout=10)
         assert health.status_code == 503
         assert health.json()["hsm"].startswith("error"), health.json()
@@ -124,6 +163,8 @@ def test_token_outage_gives_503_leaves_nothing_behind_and_recovers(
 
     assert poll(issued_again, 30, "issuance to resume").json()["serial"]
     recovered = time.monotonic() - back_at
+    again = acme.post(finalize, {"csr": b64u(csr_der(["127.0.0.1"]))})
+    assert again.status_code == 200 and again.json()["status"] == "valid", again.text
     status = poll(signed_again, 30, "OCSP to sign again")
     assert status.certificate_status == ocsp.OCSPCertStatus.REVOKED
     verify = subprocess.run(

@@ -84,11 +84,14 @@ def test_a_correct_certificate_lints_clean_without_touching_the_hsm(
          ["hsmca.subject_alt_name", "pkix.invalid_domain_name_syntax"]),
         ({"names": RequestedNames((), (), ("dev serial 1",))},
          ["hsmca.subject_alt_name", "pkix.invalid_uri_syntax"]),
+        # a quote must not make the tolerated-URN check read only the part before it
+        ({"names": RequestedNames((), (), ('urn:a"b<c>{}',))},
+         ["hsmca.subject_alt_name", "pkix.invalid_uri_syntax"]),
         ({"not_after": dt.datetime.now(dt.UTC) + dt.timedelta(days=400)},
          ["hsmca.validity_too_long"]),
         ({"serial": 12345}, ["hsmca.serial_entropy"]),
     ],
-    ids=["bad-dns-name", "bad-uri", "too-long", "short-serial"],
+    ids=["bad-dns-name", "bad-uri", "quote-in-uri", "too-long", "short-serial"],
 )  # fmt: skip
 def test_each_finding_refuses(
     pki: Pki, signatures: list[float], changes: dict[str, object], codes: list[str]

@@ -163,3 +163,23 @@ def test_debug_logs_problems_and_audit_never_show_a_secret(fresh_home: Path) -> 
         audit_events=len(events),
         secrets_checked=len(secrets) + 5,
     )
+
+
+def test_a_config_holding_the_pin_is_a_secret_too(fresh_home: Path) -> None:
+    """``hsmca.toml`` is an ordinary file until it holds ``hsm.pin``: then serve refuses
+    it readable by others, like the PIN file."""
+    config = fresh_home / "hsmca.toml"
+    os.chmod(config, 0o644)
+    settings = load_settings(fresh_home)
+    assert config not in set(secret_paths(settings))
+    pin = (fresh_home / "secrets" / "hsm.pin").read_text().strip()
+    text = config.read_text().replace("[hsm]\n", f'[hsm]\npin = "{pin}"\n', 1)
+    config.write_text(text)
+    assert config in set(secret_paths(load_settings(fresh_home)))
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "hsmca"), "--home", str(fresh_home), "serve",
+         "--https-port", str(free_port()), "--http-port", str(free_port())],
+        capture_output=True, text=True, env=clean_env(), timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and f"chmod 600 {config}" in done.stderr, done.stderr
+    assert pin not in done.stdout + done.stderr

@@ -26,12 +26,13 @@ from pki.acme.jws import b64u_decode
 from pki.acme.problems import AcmeProblem, problem_json
 from pki.acme.renewal import certificate_for_id
 from pki.actors import Actor
-from pki.errors import Forbidden, InvalidInput, NotFound, PolicyError
+from pki.errors import Forbidden, HsmError, InvalidInput, NotFound, PolicyError
 from pki.policy import parse_csr
 from pki.revocation import REASON_CODES
 from pki.serials import serial_hex
 from pki.signer import spki_der
 from pki.store.acme_models import AcmeAccount, AcmeAuthorization, AcmeChallenge, AcmeOrder
+from pki.store.faults import unavailable
 from pki.validation import ValidationFailure, key_authorization
 
 if TYPE_CHECKING:
@@ -403,7 +404,16 @@ class OrdersMixin:
                 order_id, ("processing",), status="invalid", error=problem_json("badCSR", str(exc))
             )
             raise AcmeProblem("badCSR", str(exc)) from None
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, HsmError) or unavailable(exc) is not None:
+                # an outage (answered 503, Retry-After): nothing was issued, and the
+                # client may finalize again once it is over (if the database is the one
+                # down, the order stays processing and is failed after the grace period)
+                with contextlib.suppress(Exception):
+                    self.store.set_order(
+                        order_id, ("processing",), status="ready", processing_since=None
+                    )
+                raise
             error = problem_json("serverInternal", "the certificate could not be issued", 500)
             self.store.set_order(order_id, ("processing",), status="invalid", error=error)
             raise

@@ -475,10 +475,11 @@ class Store:
             return status
 
     def abort_pending(
-        self, serial: str, record: AuditRecord, claim: SingleUseClaim | None = None
+        self, serial: str, record: AuditRecord | None, claim: SingleUseClaim | None = None
     ) -> None:
-        """Drop the pending row of an issuance the HSM refused (no certificate exists),
-        make its single-use secret usable again and audit, in one transaction."""
+        """Drop the pending row of an issuance that was never signed (the HSM refused it,
+        or the linter did), make its single-use secret usable again and audit ``record``,
+        in one transaction."""
         with self._tx() as s:
             s.execute(
                 delete(Certificate).where(
@@ -487,7 +488,8 @@ class Store:
             )
             if claim is not None:
                 self.claims.release_in(s, claim)
-            self._append_audit(s, record)
+            if record is not None:
+                self._append_audit(s, record)
 
     def certificate(self, serial: str) -> Certificate:
         with self._ro() as s:
