@@ -9,29 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ca_service.openapi_devices import DEVICE_SCHEMAS, device_paths
+from ca_service.openapi_parts import PAGE, REVOKE_BODY, json_response, problems
 from pki.revocation import REASONS
-
-PROBLEM = {"$ref": "#/components/schemas/Problem"}
-
-
-def _problems(*codes: int) -> dict[str, Any]:
-    return {
-        str(code): {
-            "description": "problem document (RFC 9457)",
-            "content": {"application/problem+json": {"schema": PROBLEM}},
-        }
-        for code in codes
-    }
-
-
-def _json(schema_name: str, description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}
-        },
-    }
-
 
 SERIAL = {
     "name": "serial",
@@ -100,8 +79,8 @@ def document() -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "201": _json("Certificate", "the issued certificate"),
-                        **_problems(400, 401, 403, 413, 415, 503),
+                        "201": json_response("Certificate", "the issued certificate"),
+                        **problems(400, 401, 403, 413, 415, 503),
                     },
                 },
                 "get": {
@@ -122,16 +101,11 @@ def document() -> dict[str, Any]:
                             "schema": {"type": "string", "pattern": "^[0-9]+[smhdw]$"},
                         },
                         {"name": "profile", "in": "query", "schema": {"type": "string"}},
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                        },
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                        *PAGE,
                     ],
                     "responses": {
-                        "200": _json("CertificateList", "one page"),
-                        **_problems(400, 401),
+                        "200": json_response("CertificateList", "one page"),
+                        **problems(400, 401),
                     },
                 },
             },
@@ -140,8 +114,8 @@ def document() -> dict[str, Any]:
                     "operationId": "getCertificate",
                     "parameters": [SERIAL],
                     "responses": {
-                        "200": _json("Certificate", "the certificate and its status"),
-                        **_problems(400, 401, 403, 404),
+                        "200": json_response("Certificate", "the certificate and its status"),
+                        **problems(400, 401, 403, 404),
                     },
                 }
             },
@@ -149,17 +123,10 @@ def document() -> dict[str, Any]:
                 "post": {
                     "operationId": "revokeCertificate",
                     "parameters": [SERIAL],
-                    "requestBody": {
-                        "required": False,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/RevokeRequest"}
-                            }
-                        },
-                    },
+                    "requestBody": REVOKE_BODY,
                     "responses": {
-                        "200": _json("Certificate", "the revoked certificate"),
-                        **_problems(400, 401, 403, 404, 409, 413, 415),
+                        "200": json_response("Certificate", "the revoked certificate"),
+                        **problems(400, 401, 403, 404, 409, 413, 415),
                     },
                 }
             },
@@ -177,17 +144,17 @@ def document() -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "201": _json("Certificate", "the new certificate"),
-                        **_problems(400, 401, 403, 413, 415),
+                        "201": json_response("Certificate", "the new certificate"),
+                        **problems(400, 401, 403, 413, 415),
                     },
                 }
             },
-            **device_paths(_json, _problems),
+            **device_paths(),
             "/api/v1/ca": {
                 "get": {
                     "operationId": "getCa",
                     "security": [],
-                    "responses": {"200": _json("CaInfo", "CA certificates and URLs")},
+                    "responses": {"200": json_response("CaInfo", "CA certificates and URLs")},
                 }
             },
             "/api/v1/openapi.json": {

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
+
+from ca_service.openapi_parts import PAGE, REVOKE_BODY, json_response, problems
 
 DEVICE_ID = {
     "name": "device_id",
@@ -16,11 +17,8 @@ DEVICE_ID = {
 _DATE = {"type": ["string", "null"], "format": "date-time"}
 
 
-def device_paths(
-    json_response: Callable[[str, str], dict[str, Any]],
-    problems: Callable[..., dict[str, Any]],
-) -> dict[str, Any]:
-    """The ``/api/v1/devices`` paths, built with the document's response helpers."""
+def device_paths() -> dict[str, Any]:
+    """The ``/api/v1/devices`` paths."""
     return {
         "/api/v1/devices/enroll": {
             "post": {
@@ -57,12 +55,7 @@ def device_paths(
                             "enum": ["provisioned", "enrolled", "revoked"],
                         },
                     },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                    },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    *PAGE,
                 ],
                 "responses": {
                     "200": json_response("DeviceList", "one page of devices"),
@@ -85,14 +78,7 @@ def device_paths(
                 "operationId": "revokeDevice",
                 "summary": "Revoke a device and every certificate it holds (admin)",
                 "parameters": [DEVICE_ID],
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": "#/components/schemas/RevokeRequest"}
-                        }
-                    },
-                },
+                "requestBody": REVOKE_BODY,
                 "responses": {
                     "200": json_response("Device", "the revoked device"),
                     **problems(400, 401, 403, 404, 413, 415),
